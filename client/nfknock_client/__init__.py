@@ -1,0 +1,1 @@
+"""nfknock-client: opens doors guarded by nfknock.  Needs only the standard library."""

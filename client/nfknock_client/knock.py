@@ -1,0 +1,137 @@
+"""Sending knocks and checking the door.  Standard library only.
+
+Knocks are ordinary non-blocking ``connect()`` calls closed right after the SYN
+left (no root, no kernel retransmission), or with ``raw=True`` single SYNs
+hand-built on a raw socket (root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from enum import Enum
+
+
+class DoorState(Enum):
+    OPEN = "open"  # connected
+    BEHIND = "behind"  # TCP reset: a stale sequence, advance the counter
+    CLOSED = "closed"  # timeout: wrong secret, realm, clock, or a firewall between
+
+
+def resolve(host: str, family: int = 0) -> tuple[int, str]:
+    """Resolve once; returns (address family, address text)."""
+    try:
+        infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise LookupError(f"cannot resolve {host!r}: {exc.strerror}") from None
+    fam, _, _, _, sockaddr = infos[0]
+    return int(fam), str(sockaddr[0])
+
+
+def send_connect_knocks(family: int, address: str, ports: Sequence[int], pace: float) -> None:
+    for i, port in enumerate(ports):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            s.setblocking(False)
+            err = s.connect_ex((address, port))
+            if err not in (0, errno.EINPROGRESS, errno.ECONNREFUSED, errno.EAGAIN):
+                raise OSError(err, f"knock to port {port}: {os.strerror(err)}")
+        finally:
+            # Closing a socket in SYN-SENT sends nothing: exactly one SYN per knock.
+            s.close()
+        if pace and i + 1 < len(ports):
+            time.sleep(pace)
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def syn_segment(src: bytes, dst: bytes, sport: int, dport: int, seq: int) -> bytes:
+    """A 20-byte TCP SYN with a correct checksum (RFC 9293 section 3.1)."""
+    header = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x02, 64240, 0, 0)
+    if len(src) == 4:
+        pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(header))
+    else:
+        pseudo = src + dst + struct.pack("!I3xB", len(header), socket.IPPROTO_TCP)
+    csum = _checksum(pseudo + header)
+    return header[:16] + struct.pack("!H", csum) + header[18:]
+
+
+def _source_for(family: int, address: str) -> str:
+    with socket.socket(family, socket.SOCK_DGRAM) as u:
+        u.connect((address, 9))
+        return str(u.getsockname()[0])
+
+
+def send_raw_knocks(family: int, address: str, ports: Sequence[int], pace: float) -> None:
+    """One SYN per knock from a raw socket (needs CAP_NET_RAW)."""
+    src_text = _source_for(family, address)
+    src = socket.inet_pton(family, src_text)
+    dst = socket.inet_pton(family, address)
+    rng = random.SystemRandom()
+    with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_TCP) as s:
+        for i, port in enumerate(ports):
+            seg = syn_segment(src, dst, rng.randint(32768, 60999), port, rng.getrandbits(32))
+            s.sendto(seg, (address, 0))
+            if pace and i + 1 < len(ports):
+                time.sleep(pace)
+
+
+def probe(family: int, address: str, port: int, timeout: float) -> tuple[DoorState, socket.socket | None]:
+    """Connect to the protected port.  OPEN returns the connected socket (the
+    caller owns it); a reset means BEHIND; a timeout CLOSED."""
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((address, port))
+    except ConnectionRefusedError:
+        s.close()
+        return DoorState.BEHIND, None
+    except (TimeoutError, OSError):
+        s.close()
+        return DoorState.CLOSED, None
+    return DoorState.OPEN, s
+
+
+def relay(conn: socket.socket, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
+    """Copy stdin -> conn and conn -> stdout until both sides are done (ProxyCommand)."""
+    import selectors
+
+    conn.settimeout(None)
+    sel = selectors.DefaultSelector()
+    sel.register(stdin_fd, selectors.EVENT_READ, "in")
+    sel.register(conn, selectors.EVENT_READ, "net")
+    try:
+        while True:
+            for key, _ in sel.select():
+                if key.data == "in":
+                    data = os.read(stdin_fd, 65536)
+                    if not data:
+                        sel.unregister(stdin_fd)
+                        with contextlib.suppress(OSError):
+                            conn.shutdown(socket.SHUT_WR)
+                        continue
+                    conn.sendall(data)
+                else:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(stdout_fd, view)
+                        view = view[n:]
+    finally:
+        sel.close()
+        conn.close()

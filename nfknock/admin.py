@@ -1,0 +1,302 @@
+"""Admin subcommands: init, user ..., rules, run, status, reload."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import toml
+
+from nfknock.config import Config, ConfigError, load_config, parse_users
+from nfknock.fileio import atomic_write
+from nfknock.sequence import format_base32, generate_secret, parse_port_list, SchemeError
+
+CONFIG_TEMPLATE = """\
+# nfknock configuration (TOML).  `nfknock check --config {config}` validates it.
+# Every key is optional except [[protect]]; the values shown are the defaults.
+
+[queue]
+number = 0              # the NFQUEUE number the static rules send SYNs to
+max_len = 8192          # kernel queue length (packets waiting for a verdict)
+
+[knock]
+scheme = "v1"
+port_min = 1024         # the knock range: SYNs to these ports are knocks (always dropped)
+port_max = 33791        # 1024-33791 is exactly 2^15 ports
+length = 32             # knocks per sequence
+step_seconds = 30       # a new sequence every step (TOTP)
+skew_steps = 1          # accept the previous and next step too (clock skew)
+realm = ""              # bind sequences to this server (e.g. its name)
+sequence_timeout = 10.0 # seconds to send a whole sequence
+reorder_window = 4      # knocks may arrive up to this many positions out of order
+stray_budget = 32       # unmatched knocks from a source before its progress resets
+exclude = []            # public services inside the knock range, e.g. [8080]
+
+[door]
+open_seconds = 30       # how long a completed sequence keeps the door open
+max_connections = 1     # new connections per opening
+
+[[protect]]
+port = 22
+# address = "198.51.100.20"   # a host behind this gateway (FORWARD)
+
+# [[allow]]                   # break-glass: always allowed, no knock
+# network = "203.0.113.0/24"
+
+[limits]
+max_sources = 65536     # sources with knock progress tracked at once (LRU)
+
+[state]
+path = "{state}"
+
+[users]
+file = "{users}"
+
+[control]
+socket = "{socket}"
+
+[log]
+level = "info"          # debug logs every knock
+format = "auto"         # json when not on a terminal, console on a terminal
+"""
+
+USERS_HEADER = (
+    "# nfknock users: managed by `nfknock user ...`; keep it mode 0600.\n"
+    "# [users.NAME] secret = base32, ports = [...] (default: all protected), enabled\n"
+)
+
+
+def register(sub: Any) -> None:
+    def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        p.set_defaults(handler=func)
+        return p
+
+    p = add("init", cmd_init, "write a commented configuration and an empty users file")
+    p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
+    p.add_argument("--users-file", default=None, help="default: users.toml beside the config")
+    p.add_argument("--state", default="/var/lib/nfknock/state.json")
+    p.add_argument("--socket", default="/run/nfknock/control.sock")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    p = add("user", cmd_user, "manage users (add, list, disable, enable, rekey, revoke)")
+    p.add_argument("action", choices=["add", "list", "disable", "enable", "rekey", "revoke"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
+    p.add_argument("--ports", default=None, help="protected ports this user may open: P,P,...")
+    p.add_argument("--host", default=None, help="the address clients knock (for the profile)")
+    p.add_argument("--profile", default=None, help="profile name printed for the client")
+
+    p = add("rules", cmd_rules, "render, install or remove the static firewall rules")
+    p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
+    p.add_argument("--format", choices=["iptables", "ip6tables", "nftables"], default="iptables")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--install", action="store_true", help="apply (iptables, IPv4 and IPv6)")
+    g.add_argument("--remove", action="store_true", help="remove nfknock's chains only")
+
+    p = add("run", cmd_run, "run the verdict daemon on the NFQUEUE")
+    p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
+
+    p = add("status", cmd_status, "live grants, counters and verdict counts of the daemon")
+    p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
+    p.add_argument("--json", action="store_true")
+
+    p = add("reload", cmd_reload, "make the running daemon re-read its configuration")
+    p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
+
+
+def _fail(message: str) -> int:
+    print(f"nfknock: error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    config = Path(args.config)
+    users = Path(args.users_file) if args.users_file else config.with_name("users.toml")
+    for path in (config, users):
+        if path.exists() and not args.force:
+            return _fail(f"{path} exists; use --force to overwrite")
+    text = CONFIG_TEMPLATE.format(
+        config=config, state=args.state, users=users.resolve(), socket=args.socket
+    )
+    atomic_write(config, text.encode(), mode=0o600)
+    atomic_write(users, USERS_HEADER.encode(), mode=0o600)
+    print(f"wrote {config} and {users} (mode 0600)")
+    print(f"next: nfknock user add NAME --config {config}")
+    return 0
+
+
+def _read_users(cfg: Config) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(cfg.users_file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(cfg.users_file, "", str(exc)) from None
+    users = raw.get("users", {})
+    return dict(users) if isinstance(users, dict) else {}
+
+
+def _write_users(cfg: Config, users: dict[str, Any]) -> None:
+    # Validate the whole new file before writing anything (never half-applied).
+    parse_users(cfg.users_file, {"users": users}, cfg.protected_ports)
+    body = toml.dumps({"users": users}) if users else ""
+    atomic_write(cfg.users_file, (USERS_HEADER + body).encode(), mode=0o600)
+
+
+def _signal_daemon(cfg: Config) -> str:
+    from nfknock.daemon import control_request
+
+    try:
+        reply = control_request(cfg.control_socket, "reload")
+    except (OSError, ValueError):
+        return "no running daemon answered; the change applies when it starts"
+    if reply.get("ok"):
+        return "the running daemon reloaded"
+    return f"the running daemon refused the reload: {reply.get('error')}"
+
+
+def profile_text(cfg: Config, name: str, secret: str, host: str, profile: str, port: int) -> str:
+    k = cfg.knock
+    excluded = sorted(k.exclude | cfg.protected_ports)
+    return "\n".join(
+        [
+            f"# nfknock-client profile for user {name!r}: paste into",
+            "# ~/.config/nfknock/client.toml (chmod 600)",
+            f"[profiles.{json.dumps(profile)}]",
+            f"host = {json.dumps(host)}",
+            f"port = {port}",
+            f"secret = {json.dumps(secret)}",
+            f"realm = {json.dumps(k.realm)}",
+            f"port_min = {k.port_min}",
+            f"port_max = {k.port_max}",
+            f"length = {k.length}",
+            f"step_seconds = {k.step_seconds}",
+            f"exclude = {json.dumps(excluded)}",
+        ]
+    )
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    users = _read_users(cfg)
+    action, name = args.action, args.name
+    if action == "list":
+        if not cfg.users:
+            print("no users")
+        for u in cfg.users:
+            ports = ",".join(map(str, sorted(u.ports))) if u.ports is not None else "all"
+            print(f"{u.name}\t{'enabled' if u.enabled else 'disabled'}\tports={ports}")
+        return 0
+    if not name:
+        return _fail(f"user {action} needs a NAME")
+    if action == "add":
+        if name in users:
+            return _fail(f"user {name!r} exists (use rekey for a new secret)")
+        secret = format_base32(generate_secret())
+        entry: dict[str, Any] = {"secret": secret, "enabled": True}
+        if args.ports:
+            try:
+                entry["ports"] = sorted(parse_port_list(args.ports))
+            except SchemeError as exc:
+                return _fail(str(exc))
+        users[name] = entry
+    elif name not in users:
+        return _fail(f"no user {name!r} in {cfg.users_file}")
+    elif action in ("disable", "enable"):
+        users[name]["enabled"] = action == "enable"
+    elif action == "rekey":
+        secret = format_base32(generate_secret())
+        users[name]["secret"] = secret
+    elif action == "revoke":
+        del users[name]
+    _write_users(cfg, users)
+    print(f"user {name}: {action} done ({cfg.users_file})")
+    if action in ("add", "rekey"):
+        allowed = users[name].get("ports") or sorted(cfg.protected_ports)
+        host = args.host or socket.getfqdn()
+        profile = args.profile or host
+        print()
+        print(profile_text(cfg, name, secret, host, profile, allowed[0]))
+        print()
+        print("# or on the command line (secret in a file only you can read):")
+        print(f"#   nfknock-client knock {host} --secret-file ~/.nfknock-{name} --port {allowed[0]}"
+              + (f" --realm {cfg.knock.realm}" if cfg.knock.realm else ""))
+    print(_signal_daemon(cfg))
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from nfknock import rules
+
+    cfg = load_config(args.config, load_users=False)
+    try:
+        if args.install:
+            for line in rules.install(cfg):
+                print(line)
+        elif args.remove:
+            for line in rules.remove():
+                print(line)
+        elif args.format == "nftables":
+            sys.stdout.write(rules.render_nftables(cfg))
+        else:
+            sys.stdout.write(rules.render_iptables(cfg, 4 if args.format == "iptables" else 6))
+    except rules.RulesError as exc:
+        print(f"nfknock rules: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nfknock import logs
+    from nfknock.fileio import StateError
+
+    cfg = load_config(args.config)
+    logs.configure(cfg.log.level, cfg.log.format)
+    from nfknock.daemon import Daemon
+
+    try:
+        return Daemon(cfg).run()
+    except StateError as exc:
+        print(f"nfknock run: error: {exc} (move it aside to start without it; "
+              "sequences used before may then be replayed within the skew window)",
+              file=sys.stderr)
+        return 2
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from nfknock.daemon import control_request
+
+    cfg = load_config(args.config, load_users=False)
+    try:
+        reply = control_request(cfg.control_socket, "status")
+    except (OSError, ValueError) as exc:
+        print(f"nfknock status: error: no daemon at {cfg.control_socket} ({exc})", file=sys.stderr)
+        return 1
+    st = reply.get("status", {})
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return 0
+    print(f"pid {st.get('pid')}  up {st.get('uptime')}s  step {st.get('step')}")
+    print(f"verdicts {st.get('verdicts')}  malformed {st.get('malformed')}  "
+          f"errors {st.get('internal_errors')}")
+    q = st.get("queue") or {}
+    print(f"queue {q.get('queue')}: waiting {q.get('waiting')}  "
+          f"queue_dropped {q.get('queue_dropped')}  user_dropped {q.get('user_dropped')}")
+    print(f"tracked sources {st.get('tracked_sources')}")
+    for name, u in sorted((st.get("users") or {}).items()):
+        print(f"user {name}: {'enabled' if u['enabled'] else 'disabled'}, counter {u['counter']}")
+    for g in st.get("grants") or []:
+        print(f"grant {g['user']} {g['source']} -> {g['destination']} ports {g['ports']} "
+              f"left {g['remaining']} until {g['expires']}")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)  # refuse to ask for a reload of a bad config
+    message = _signal_daemon(cfg)
+    print(message)
+    return 0 if message == "the running daemon reloaded" else 1

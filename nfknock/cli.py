@@ -1,0 +1,141 @@
+"""``nfknock``: the one command-line entry point.
+
+Exit codes: 0 success, 1 a runtime failure (e.g. iptables refused a rule), 2 bad
+input (usage, configuration, users file, secret).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from nfknock import __version__
+from nfknock.config import ConfigError, load_config
+from nfknock.sequence import (
+    DEFAULT_LENGTH,
+    DEFAULT_PORT_MAX,
+    DEFAULT_PORT_MIN,
+    DEFAULT_STEP,
+    SchemeError,
+    SecretError,
+    SequenceParams,
+    derive,
+    parse_base32,
+    parse_port_list,
+    parse_port_range,
+    step_of,
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+DEFAULT_CONFIG = "/etc/nfknock/nfknock.toml"
+
+
+class UsageError(Exception):
+    """Bad command-line input: exit 2 with the message."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nfknock",
+        description="TOTP port knocking on NFQUEUE (server side and admin commands).",
+    )
+    p.add_argument("--version", action="version", version=f"nfknock {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("sequence", help="print a knock sequence (debugging, external checks)")
+    s.add_argument("--secret-base32", required=True, metavar="S")
+    s.add_argument("--time", type=float, default=None, metavar="T", help="Unix time (default: now)")
+    s.add_argument("--counter", type=int, default=0, metavar="C")
+    s.add_argument("--realm", default="", metavar="R")
+    s.add_argument("--length", type=int, default=DEFAULT_LENGTH, metavar="L")
+    s.add_argument("--range", default=f"{DEFAULT_PORT_MIN}-{DEFAULT_PORT_MAX}", metavar="LO-HI")
+    s.add_argument("--step", type=int, default=DEFAULT_STEP, metavar="X")
+    s.add_argument("--exclude", default="", metavar="P,P,...")
+    s.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("check", help="validate a configuration and its users file")
+    c.add_argument("--config", default=DEFAULT_CONFIG)
+
+    from nfknock import admin  # the admin commands register their own subparsers
+
+    admin.register(sub)
+    return p
+
+
+def cmd_sequence(args: argparse.Namespace) -> int:
+    try:
+        secret = parse_base32(args.secret_base32)
+        lo, hi = parse_port_range(args.range)
+        params = SequenceParams(
+            port_min=lo,
+            port_max=hi,
+            length=args.length,
+            step_seconds=args.step,
+            realm=args.realm.encode(),
+            exclude=parse_port_list(args.exclude),
+        )
+        if args.counter < 0:
+            raise SchemeError(f"counter {args.counter} is negative")
+        now = time.time() if args.time is None else args.time
+        if now < 0:
+            raise SchemeError(f"time {now} is negative")
+        step = step_of(now, params.step_seconds)
+        ports = derive(secret, step, args.counter, params)
+    except (SecretError, SchemeError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "scheme": "v1",
+                    "ports": list(ports),
+                    "step": step,
+                    "counter": args.counter,
+                    "valid_from": step * params.step_seconds,
+                    "valid_until": (step + 1) * params.step_seconds,
+                }
+            )
+        )
+    else:
+        print(" ".join(map(str, ports)))
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    enabled = sum(1 for u in cfg.users if u.enabled)
+    ports = ", ".join(f"{p.port}@{p.address}" if p.address else str(p.port) for p in cfg.protect)
+    print(
+        f"{cfg.path}: OK — protects {ports}; knock range "
+        f"{cfg.knock.port_min}-{cfg.knock.port_max}, {cfg.knock.length} knocks; "
+        f"{len(cfg.users)} user(s), {enabled} enabled ({cfg.users_file})"
+    )
+    return EXIT_OK
+
+
+COMMANDS = {"sequence": cmd_sequence, "check": cmd_check}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    handler = args.handler if hasattr(args, "handler") else COMMANDS[args.command]
+    try:
+        return int(handler(args))
+    except UsageError as exc:
+        print(f"nfknock {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        print(f"nfknock {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

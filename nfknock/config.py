@@ -1,0 +1,432 @@
+"""TOML configuration, validated into frozen dataclasses.
+
+Every error is a :class:`ConfigError` naming the file, the key and the problem: the
+operator's mistake, fatal at start, never half-applied.  Unknown keys are errors (a
+typo must not silently fall back to a default).  The schema is a contract: extend
+it, never rename it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nfknock.sequence import SchemeError, SecretError, SequenceParams, parse_base32
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+SCHEMES = ("v1",)
+DEFAULT_REJECT_MARK = 0x4E4B0001
+
+
+class ConfigError(Exception):
+    """An operator error in a configuration or users file."""
+
+    def __init__(self, file: str | os.PathLike[str], key: str, problem: str) -> None:
+        self.file = str(file)
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{self.file}: {key}: {problem}" if key else f"{self.file}: {problem}")
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    number: int = 0
+    max_len: int = 8192
+    reject_mark: int = DEFAULT_REJECT_MARK
+
+
+@dataclass(frozen=True)
+class KnockConfig:
+    scheme: str = "v1"
+    port_min: int = 1024
+    port_max: int = 33791
+    length: int = 32
+    step_seconds: int = 30
+    skew_steps: int = 1
+    realm: str = ""
+    sequence_timeout: float = 10.0
+    reorder_window: int = 4
+    stray_budget: int = 32
+    exclude: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class DoorConfig:
+    open_seconds: float = 30.0
+    max_connections: int = 1
+
+
+@dataclass(frozen=True)
+class Protect:
+    port: int
+    address: IPAddress | None = None
+
+
+@dataclass(frozen=True)
+class Allow:
+    network: IPNetwork
+    ports: frozenset[int] = frozenset()  # empty: every protected port
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_sources: int = 65536
+    max_grants: int = 65536
+    max_progress_per_source: int = 16
+    stale_counters: int = 8
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"  # auto | json | console
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    secret: bytes = field(repr=False)
+    ports: frozenset[int] | None = None  # None: every protected port
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    queue: QueueConfig
+    knock: KnockConfig
+    door: DoorConfig
+    protect: tuple[Protect, ...]
+    allow: tuple[Allow, ...]
+    limits: LimitsConfig
+    state_path: Path
+    users_file: Path
+    control_socket: Path
+    log: LogConfig
+    users: tuple[User, ...]
+
+    @property
+    def protected_ports(self) -> frozenset[int]:
+        return frozenset(p.port for p in self.protect)
+
+    def sequence_params(self) -> SequenceParams:
+        """Scheme parameters; the protected ports are always excluded from knocks."""
+        k = self.knock
+        return SequenceParams(
+            port_min=k.port_min,
+            port_max=k.port_max,
+            length=k.length,
+            step_seconds=k.step_seconds,
+            realm=k.realm.encode(),
+            exclude=k.exclude | self.protected_ports,
+        )
+
+
+# --- reading ----------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class _Table:
+    """A TOML table being consumed; whatever is left at the end is an unknown key."""
+
+    def __init__(self, file: Path, prefix: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(file, prefix, f"must be a table, not {_kind(data)}")
+        self.file = file
+        self.prefix = prefix
+        self.data: dict[str, Any] = dict(data)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), problem)
+
+    def take(self, name: str, kind: type[T], default: T) -> T:
+        if name not in self.data:
+            return default
+        value = self.data.pop(name)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.error(name, f"must be {kind.__name__}, not {_kind(value)}")
+        return value
+
+    def int_in(self, name: str, default: int, lo: int, hi: int) -> int:
+        value = self.take(name, int, default)
+        if not lo <= value <= hi:
+            raise self.error(name, f"{value} is outside {lo}..{hi}")
+        return value
+
+    def float_in(self, name: str, default: float, lo: float, hi: float) -> float:
+        value = self.take(name, float, default)
+        if not lo <= value <= hi:
+            raise self.error(name, f"{value} is outside {lo}..{hi}")
+        return value
+
+    def ports(self, name: str) -> frozenset[int] | None:
+        if name not in self.data:
+            return None
+        value = self.data.pop(name)
+        if not isinstance(value, list):
+            raise self.error(name, f"must be a list of ports, not {_kind(value)}")
+        for port in value:
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise self.error(name, f"{port!r} is not a port number (1-65535)")
+        return frozenset(value)
+
+    def sub(self, name: str) -> _Table:
+        return _Table(self.file, self.key(name), self.data.pop(name, {}))
+
+    def finish(self) -> None:
+        for name in self.data:
+            raise self.error(name, "unknown key")
+
+
+def _kind(value: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except PermissionError:
+        raise ConfigError(path, "", "permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, not a file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "", f"not UTF-8 text: {exc}") from None
+
+
+def _address(table: _Table, name: str) -> IPAddress | None:
+    text = table.take(name, str, "")
+    if not text:
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise table.error(name, f"{text!r} is not an IPv4 or IPv6 address") from None
+
+
+def _network(table: _Table, name: str) -> IPNetwork:
+    if name not in table.data:
+        raise table.error(name, "is required")
+    text = table.take(name, str, "")
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise table.error(name, f"{text!r} is not a network ({exc})") from None
+
+
+def _array_of_tables(
+    root: _Table, name: str, build: Callable[[_Table], T]
+) -> tuple[T, ...]:
+    raw = root.data.pop(name, [])
+    if not isinstance(raw, list):
+        raise root.error(name, f"must be an array of tables ([[{name}]]), not {_kind(raw)}")
+    items = []
+    for i, entry in enumerate(raw):
+        table = _Table(root.file, f"{name}[{i}]", entry)
+        items.append(build(table))
+        table.finish()
+    return tuple(items)
+
+
+def _protect(table: _Table) -> Protect:
+    if "port" not in table.data:
+        raise table.error("port", "is required")
+    return Protect(port=table.int_in("port", 22, 1, 65535), address=_address(table, "address"))
+
+
+def _allow(table: _Table) -> Allow:
+    network = _network(table, "network")
+    return Allow(network=network, ports=table.ports("ports") or frozenset())
+
+
+def _resolve(base: Path, text: str) -> Path:
+    p = Path(text)
+    return p if p.is_absolute() else (base.parent / p)
+
+
+def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True) -> Config:
+    root = _Table(path, "", data)
+
+    q = root.sub("queue")
+    queue = QueueConfig(
+        number=q.int_in("number", 0, 0, 65535),
+        max_len=q.int_in("max_len", 8192, 1, 1 << 24),
+        reject_mark=q.int_in("reject_mark", DEFAULT_REJECT_MARK, 1, 0xFFFFFFFF),
+    )
+    q.finish()
+
+    k = root.sub("knock")
+    scheme = k.take("scheme", str, "v1")
+    if scheme not in SCHEMES:
+        raise k.error("scheme", f"{scheme!r} is not one of {', '.join(SCHEMES)}")
+    length = k.int_in("length", 32, 1, 255)
+    knock = KnockConfig(
+        scheme=scheme,
+        port_min=k.int_in("port_min", 1024, 1, 65535),
+        port_max=k.int_in("port_max", 33791, 1, 65535),
+        length=length,
+        step_seconds=k.int_in("step_seconds", 30, 1, 86400),
+        skew_steps=k.int_in("skew_steps", 1, 0, 10),
+        realm=k.take("realm", str, ""),
+        sequence_timeout=k.float_in("sequence_timeout", 10.0, 0.1, 3600.0),
+        reorder_window=k.int_in("reorder_window", 4, 0, 64),
+        stray_budget=k.int_in("stray_budget", length, 0, 1 << 20),
+        exclude=k.ports("exclude") or frozenset(),
+    )
+    if knock.port_min > knock.port_max:
+        raise k.error("port_max", f"{knock.port_max} is below port_min {knock.port_min}")
+    k.finish()
+
+    d = root.sub("door")
+    door = DoorConfig(
+        open_seconds=d.float_in("open_seconds", 30.0, 1.0, 86400.0),
+        max_connections=d.int_in("max_connections", 1, 1, 1 << 20),
+    )
+    d.finish()
+
+    protect = _array_of_tables(root, "protect", _protect)
+    if not protect:
+        raise ConfigError(path, "protect", "at least one [[protect]] port is required")
+    seen: set[tuple[int, IPAddress | None]] = set()
+    for i, p in enumerate(protect):
+        if (p.port, p.address) in seen:
+            raise ConfigError(path, f"protect[{i}]", f"port {p.port} is listed twice")
+        seen.add((p.port, p.address))
+    allow = _array_of_tables(root, "allow", _allow)
+
+    lim = root.sub("limits")
+    limits = LimitsConfig(
+        max_sources=lim.int_in("max_sources", 65536, 16, 1 << 24),
+        max_grants=lim.int_in("max_grants", 65536, 16, 1 << 24),
+        max_progress_per_source=lim.int_in("max_progress_per_source", 16, 1, 1024),
+        stale_counters=lim.int_in("stale_counters", 8, 0, 1024),
+    )
+    lim.finish()
+
+    st = root.sub("state")
+    state_path = _resolve(path, st.take("path", str, "/var/lib/nfknock/state.json"))
+    st.finish()
+    us = root.sub("users")
+    users_file = _resolve(path, us.take("file", str, "/etc/nfknock/users.toml"))
+    us.finish()
+    ct = root.sub("control")
+    control_socket = _resolve(path, ct.take("socket", str, "/run/nfknock/control.sock"))
+    ct.finish()
+    lg = root.sub("log")
+    level = lg.take("level", str, "info")
+    if level not in ("debug", "info", "warning", "error"):
+        raise lg.error("level", f"{level!r} is not one of debug, info, warning, error")
+    fmt = lg.take("format", str, "auto")
+    if fmt not in ("auto", "json", "console"):
+        raise lg.error("format", f"{fmt!r} is not one of auto, json, console")
+    lg.finish()
+    root.finish()
+
+    cfg = Config(
+        path=path,
+        queue=queue,
+        knock=knock,
+        door=door,
+        protect=protect,
+        allow=allow,
+        limits=limits,
+        state_path=state_path,
+        users_file=users_file,
+        control_socket=control_socket,
+        log=LogConfig(level=level, format=fmt),
+        users=(),
+    )
+    try:
+        cfg.sequence_params()
+    except SchemeError as exc:
+        raise ConfigError(path, "knock", str(exc)) from None
+    if load_users:
+        users = load_users_file(users_file, cfg.protected_ports)
+        cfg = Config(**{**cfg.__dict__, "users": users})
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str], *, load_users: bool = True) -> Config:
+    p = Path(path)
+    return parse_config(p, _load_toml(p), load_users=load_users)
+
+
+def check_private(path: Path) -> None:
+    """Refuse a secrets file that others can read or change."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except PermissionError:
+        raise ConfigError(path, "", "permission denied") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(path, "", "is not a regular file")
+    if st.st_mode & 0o066:
+        raise ConfigError(
+            path,
+            "",
+            f"holds secrets but has mode {stat.S_IMODE(st.st_mode):04o}; "
+            f"it must not be readable or writable by group or others (chmod 600 {path})",
+        )
+
+
+def load_users_file(path: Path, protected: frozenset[int]) -> tuple[User, ...]:
+    check_private(path)
+    return parse_users(path, _load_toml(path), protected)
+
+
+def parse_users(path: Path, data: Mapping[str, Any], protected: frozenset[int]) -> tuple[User, ...]:
+    root = _Table(path, "", data)
+    table = root.sub("users")
+    root.finish()
+    users = []
+    for name in sorted(table.data):
+        if not USER_NAME.match(name):
+            raise table.error(name, "user names are 1-64 of A-Z a-z 0-9 _ . @ - (first alphanumeric)")
+        u = table.sub(name)
+        if "secret" not in u.data:
+            raise u.error("secret", "is required")
+        try:
+            secret = parse_base32(u.take("secret", str, ""))
+        except SecretError as exc:
+            raise u.error("secret", str(exc)) from None
+        ports = u.ports("ports")
+        if ports is not None:
+            stray = sorted(ports - protected)
+            if stray:
+                raise u.error(
+                    "ports",
+                    f"{', '.join(map(str, stray))} not protected by any [[protect]] entry",
+                )
+        users.append(
+            User(name=name, secret=secret, ports=ports, enabled=u.take("enabled", bool, True))
+        )
+        u.finish()
+    return tuple(users)

@@ -1,0 +1,644 @@
+"""The verdict engine: new TCP SYNs in, verdicts and events out.  Sans-IO.
+
+Theory of operation
+-------------------
+The engine sees only the first SYN of each new TCP connection that the static rules
+queue: SYNs to the knock range and SYNs to the protected ports.  It never reads a
+clock: every call gets ``wall`` (Unix time, for TOTP steps) and ``mono`` (monotonic
+time, for expiry).  It never logs: it returns :class:`~nfknock.events.Event` values.
+
+*Candidates.*  For every enabled user, every step ``T-s .. T+s`` (``skew_steps`` s)
+and every counter ``next(user, step) - stale_counters .. next(user, step)``, the
+engine holds the expected knock sequence (a :class:`Candidate`).  The counter
+``next`` is *current*; lower counters are *stale*.  A start index maps each port to
+the candidates that have it in one of their first ``reorder_window + 1`` positions:
+only such a knock can create state, so random traffic creates (almost) none, and the
+per-packet cost depends on the port density, not on a loop over users.  Candidates
+are rebuilt when the step changes (the next step's sequences are derived ahead of
+time by :meth:`Engine.tick`, a bounded chunk per call) and extended when a counter
+advances.
+
+*Sources.*  Progress is tracked per (source address, destination address) -- a
+"source" below.  Each source has, per candidate it has started, ``next`` (the first
+position not yet received) and a bitmask of received positions.  The transitions of
+a knock at position ``p`` of a candidate the source has started:
+
+    ===========================  ====================================================
+    condition                    effect
+    ===========================  ====================================================
+    p < next or bit p set        duplicate (a SYN retransmission): ignored
+    next <= p <= next + W        bit p set; next advances over received positions
+    p > next + W                 not this candidate (counts as stray if nothing else
+                                 matches)
+    next == L                    completed: current counter -> grant; stale -> mark
+                                 the source "behind" (REJECT on protected ports)
+    older than sequence_timeout  progress discarded
+    ===========================  ====================================================
+
+A knock that advances or duplicates nothing and starts nothing is *stray*; past
+``stray_budget`` strays the source's progress resets (fail closed).  Anything the
+tables do not cover ends in DROP.
+
+*Protected ports.*  A SYN to a protected port is ACCEPTed when a live grant of that
+source covers (destination, port) and still has connections left (one is spent),
+REJECTed when the source is marked behind, and DROPped otherwise.  Any other SYN
+that reaches the engine is DROPped.  Knocks are always DROPped, the completing one
+too.
+
+*Bounds.*  Sources (LRU), progress per source, grants, behind marks and stale
+counters all have limits from the configuration.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nfknock.config import Config, User
+from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict, addr_text
+from nfknock.sequence import SequenceParams, derive, step_of
+
+# Start-index entries pack (candidate id, position) into one int: fewer objects.
+_POS_BITS = 8
+_POS_MASK = (1 << _POS_BITS) - 1
+
+DROP_PROTECTED = Decision(Verdict.DROP)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    params: SequenceParams
+    protect: Mapping[int, frozenset[bytes] | None]  # port -> destinations (None: any)
+    skew_steps: int = 1
+    sequence_timeout: float = 10.0
+    reorder_window: int = 4
+    stray_budget: int = 32
+    open_seconds: float = 30.0
+    max_connections: int = 1
+    max_sources: int = 65536
+    max_grants: int = 65536
+    max_progress_per_source: int = 16
+    stale_counters: int = 8
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> EngineSettings:
+        # port -> the destinations it is protected at; None: at every address.
+        protect: dict[int, frozenset[bytes] | None] = {}
+        for p in cfg.protect:
+            if p.address is None or p.port in protect and protect[p.port] is None:
+                protect[p.port] = None
+            else:
+                protect[p.port] = protect.get(p.port, frozenset()) | {p.address.packed}
+        k, d, lim = cfg.knock, cfg.door, cfg.limits
+        return cls(
+            params=cfg.sequence_params(),
+            protect=protect,
+            skew_steps=k.skew_steps,
+            sequence_timeout=k.sequence_timeout,
+            reorder_window=k.reorder_window,
+            stray_budget=k.stray_budget,
+            open_seconds=d.open_seconds,
+            max_connections=d.max_connections,
+            max_sources=lim.max_sources,
+            max_grants=lim.max_grants,
+            max_progress_per_source=lim.max_progress_per_source,
+            stale_counters=lim.stale_counters,
+        )
+
+
+@dataclass(slots=True)
+class Candidate:
+    cid: int
+    user: str
+    step: int
+    counter: int
+    ports: array[int]
+
+
+@dataclass(slots=True)
+class Progress:
+    started: float
+    next: int = 0
+    mask: int = 0
+
+
+@dataclass(slots=True)
+class Source:
+    progress: dict[int, Progress] = field(default_factory=dict)
+    strays: int = 0
+    last: float = 0.0
+
+
+@dataclass(slots=True)
+class Grant:
+    user: str
+    ports: frozenset[int]
+    remaining: int
+    expires: float  # monotonic
+
+
+def _split(key: bytes) -> tuple[str, str]:
+    half = len(key) // 2
+    return addr_text(key[:half]), addr_text(key[half:])
+
+
+class Engine:
+    """See the module docstring.  Not thread-safe: one caller at a time."""
+
+    def __init__(self, settings: EngineSettings, users: Iterable[User], wall: float) -> None:
+        self.s = settings
+        self._users: dict[str, User] = {}
+        self._counters: dict[tuple[str, int], int] = {}
+        self._candidates: dict[int, Candidate] = {}
+        self._by_key: dict[tuple[str, int, int], int] = {}
+        self._starts: dict[int, list[int]] = {}
+        self._next_cid = 1
+        self._sources: OrderedDict[bytes, Source] = OrderedDict()
+        self._grants: OrderedDict[bytes, dict[str, Grant]] = OrderedDict()
+        self._behind: OrderedDict[bytes, float] = OrderedDict()
+        # Sequences derived ahead of a step change: (user, step, counter) -> ports.
+        self._ahead: dict[tuple[str, int, int], array[int]] = {}
+        self._set_step(wall)
+        self._lo = settings.params.port_min
+        self._hi = settings.params.port_max
+        self.stats: dict[str, int] = {"accept": 0, "drop": 0, "reject": 0, "knocks": 0}
+        self._set_users_quiet(users)
+        self._rebuild()
+
+    # --- configuration ----------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @property
+    def users(self) -> Mapping[str, User]:
+        return self._users
+
+    def set_users(self, users: Iterable[User], mono: float) -> list[Event]:
+        """Replace the user set; grants of users now gone or disabled end here."""
+        old = self._users
+        self._set_users_quiet(users)
+        ended = {name for name, u in old.items() if u.enabled} - {
+            name for name, u in self._users.items() if u.enabled
+        }
+        for name, u in self._users.items():
+            if name in old and old[name].secret != u.secret:
+                ended.add(name)  # rekeyed: old sequences and counters are void
+                for key in [k for k in self._counters if k[0] == name]:
+                    del self._counters[key]
+                for key in [k for k in self._by_key if k[0] == name]:
+                    del self._candidates[self._by_key.pop(key)]
+        events = self._end_grants(ended, "user revoked or disabled")
+        self._rebuild()
+        return events
+
+    def _set_users_quiet(self, users: Iterable[User]) -> None:
+        self._users = {u.name: u for u in users}
+        self._ahead.clear()
+
+    def _end_grants(self, names: set[str], reason: str) -> list[Event]:
+        events: list[Event] = []
+        if not names:
+            return events
+        for key in list(self._grants):
+            grants = self._grants[key]
+            for name in names & grants.keys():
+                del grants[name]
+                src, dst = _split(key)
+                events.append(Event(EventKind.GRANT_REVOKED, src, dst, name, None, reason))
+            if not grants:
+                del self._grants[key]
+        return events
+
+    # --- candidates ------------------------------------------------------------
+
+    def _wanted_counters(self, user: str, step: int) -> range:
+        nxt = self._counters.get((user, step), 0)
+        return range(max(0, nxt - self.s.stale_counters), nxt + 1)
+
+    def _derive(self, user: User, step: int, counter: int) -> array[int]:
+        cached = self._ahead.pop((user.name, step, counter), None)
+        if cached is not None:
+            return cached
+        return array("H", derive(user.secret, step, counter, self.s.params))
+
+    def _rebuild(self) -> None:
+        """Make the candidate set exactly the wanted one; rebuild the start index."""
+        skew = self.s.skew_steps
+        steps = range(max(0, self._step - skew), self._step + skew + 1)
+        wanted = {
+            (u.name, t, c)
+            for u in self._users.values()
+            if u.enabled
+            for t in steps
+            for c in self._wanted_counters(u.name, t)
+        }
+        for key in [k for k in self._by_key if k not in wanted]:
+            del self._candidates[self._by_key.pop(key)]
+        for key in sorted(wanted - self._by_key.keys()):
+            self._add_candidate(*key, index=False)
+        self._starts = {}
+        for cand in self._candidates.values():
+            self._index(cand)
+        # Counters older than the window can never matter again.
+        for key in [k for k in self._counters if k[1] < steps.start]:
+            del self._counters[key]
+        self._ahead = {k: v for k, v in self._ahead.items() if k[1] > self._step}
+
+    def _add_candidate(self, user: str, step: int, counter: int, *, index: bool = True) -> None:
+        cand = Candidate(
+            self._next_cid, user, step, counter, self._derive(self._users[user], step, counter)
+        )
+        self._next_cid += 1
+        self._candidates[cand.cid] = cand
+        self._by_key[(user, step, counter)] = cand.cid
+        if index:
+            self._index(cand)
+
+    def _remove_candidate(self, user: str, step: int, counter: int) -> None:
+        cid = self._by_key.pop((user, step, counter), None)
+        if cid is None:
+            return
+        cand = self._candidates.pop(cid)
+        for pos, port in enumerate(cand.ports[: self.s.reorder_window + 1]):
+            entries = self._starts.get(port)
+            if entries is not None:
+                entries.remove((cid << _POS_BITS) | pos)
+                if not entries:
+                    del self._starts[port]
+
+    def _index(self, cand: Candidate) -> None:
+        for pos, port in enumerate(cand.ports[: self.s.reorder_window + 1]):
+            self._starts.setdefault(port, []).append((cand.cid << _POS_BITS) | pos)
+
+    def _roll(self, wall: float) -> None:
+        self._set_step(wall)
+        self._rebuild()
+
+    def _set_step(self, wall: float) -> None:
+        length = self.s.params.step_seconds
+        self._step = step_of(wall, length)
+        self._step_start = self._step * length
+        self._step_end = self._step_start + length
+
+    # --- time ------------------------------------------------------------------
+
+    def tick(self, wall: float, mono: float, budget: int = 256) -> list[Event]:
+        """Housekeeping between packets: step change, expiry, deriving ahead.
+
+        ``budget`` bounds the sequences derived ahead in one call, so the caller's
+        packet loop never stalls for long.  Call it a few times a second.
+        """
+        if not self._step_start <= wall < self._step_end:
+            self._roll(wall)
+        events = self._expire(mono)
+        step_len = self.s.params.step_seconds
+        upcoming = self._step + self.s.skew_steps + 1
+        if (self._step + 1) * step_len - wall <= max(2.0, step_len / 3):
+            for user in self._users.values():
+                if budget <= 0:
+                    break
+                key = (user.name, upcoming, 0)
+                if user.enabled and key not in self._ahead and key not in self._by_key:
+                    self._ahead[key] = array("H", derive(user.secret, upcoming, 0, self.s.params))
+                    budget -= 1
+        return events
+
+    def _expire(self, mono: float) -> list[Event]:
+        events: list[Event] = []
+        for key in list(self._grants):
+            grants = self._grants[key]
+            for name in [n for n, g in grants.items() if g.expires <= mono]:
+                del grants[name]
+                src, dst = _split(key)
+                events.append(Event(EventKind.GRANT_EXPIRED, src, dst, name, None, "window closed"))
+            if not grants:
+                del self._grants[key]
+        for key in [k for k, until in self._behind.items() if until <= mono]:
+            del self._behind[key]
+        timeout = self.s.sequence_timeout
+        for key in [k for k, src in self._sources.items() if mono - src.last > timeout]:
+            del self._sources[key]
+        return events
+
+    # --- the packet path -------------------------------------------------------
+
+    def decide(self, src: bytes, dst: bytes, port: int, wall: float, mono: float) -> Decision:
+        """The verdict for one new TCP SYN from ``src`` to ``dst``:``port``.
+
+        ``src`` and ``dst`` are packed addresses (4 or 16 bytes, same family).
+        """
+        if not self._step_start <= wall < self._step_end:
+            self._roll(wall)
+        if port in self.s.protect:
+            return self._protected(src, dst, port, mono)
+        if self._lo <= port <= self._hi:
+            self.stats["knocks"] += 1
+            key = src + dst
+            source = self._sources.get(key)
+            starts = self._starts.get(port)
+            if source is None and starts is None:
+                return DROP_SILENT
+            return self._knock(key, source, starts, port, mono)
+        self.stats["drop"] += 1
+        return DROP_SILENT
+
+    def _protected(self, src: bytes, dst: bytes, port: int, mono: float) -> Decision:
+        dests = self.s.protect[port]
+        key = src + dst
+        if dests is None or dst in dests:
+            grants = self._grants.get(key)
+            if grants:
+                for grant in grants.values():
+                    if port in grant.ports and grant.remaining > 0 and grant.expires > mono:
+                        grant.remaining -= 1
+                        self.stats["accept"] += 1
+                        left = grant.remaining
+                        if left == 0:
+                            del grants[grant.user]
+                            if not grants:
+                                del self._grants[key]
+                        ev = Event(
+                            EventKind.PROTECTED_ACCEPT,
+                            addr_text(src),
+                            addr_text(dst),
+                            grant.user,
+                            port,
+                            f"grant used, {left} connection(s) left",
+                        )
+                        return Decision(Verdict.ACCEPT, (ev,))
+            until = self._behind.get(key)
+            if until is not None and until > mono:
+                self.stats["reject"] += 1
+                ev = Event(
+                    EventKind.PROTECTED_REJECT,
+                    addr_text(src),
+                    addr_text(dst),
+                    None,
+                    port,
+                    "stale sequence: client is behind",
+                )
+                return Decision(Verdict.REJECT, (ev,))
+            reason = "no grant"
+        else:
+            reason = "not protected at this destination"
+        self.stats["drop"] += 1
+        ev = Event(EventKind.PROTECTED_DROP, addr_text(src), addr_text(dst), None, port, reason)
+        return Decision(Verdict.DROP, (ev,))
+
+    def _knock(
+        self,
+        key: bytes,
+        source: Source | None,
+        starts: list[int] | None,
+        port: int,
+        mono: float,
+    ) -> Decision:
+        events: list[Event] = []
+        matched = False
+        touched: set[int] = set()
+        window = self.s.reorder_window
+        if source is not None:
+            self._sources.move_to_end(key)
+            for cid, prog in list(source.progress.items()):
+                cand = self._candidates.get(cid)
+                if cand is None or mono - prog.started > self.s.sequence_timeout:
+                    del source.progress[cid]  # step rolled past it, user gone, or too slow
+                    continue
+                ports = cand.ports
+                if port not in ports:
+                    continue
+                pos = ports.index(port)
+                if pos < prog.next or (prog.mask >> pos) & 1:
+                    matched = True  # duplicate: a retransmitted SYN
+                    continue
+                if pos > prog.next + window:
+                    continue
+                matched = True
+                touched.add(cid)
+                prog.mask |= 1 << pos
+                while (prog.mask >> prog.next) & 1:
+                    prog.next += 1
+                if prog.next == len(ports):
+                    del source.progress[cid]
+                    events.extend(self._complete(key, source, cand, mono))
+                else:
+                    events.append(self._progress_event(key, cand, port, prog.next))
+        if starts is not None:
+            for entry in list(starts):
+                cid = entry >> _POS_BITS
+                if cid in touched or (source is not None and cid in source.progress):
+                    continue
+                cand = self._candidates.get(cid)
+                if cand is None:
+                    continue
+                if source is None:
+                    source = self._new_source(key, mono, events)
+                self._start(source, cand, entry & _POS_MASK, mono, key, events)
+                matched = True
+        if source is None:
+            return DROP_SILENT
+        source.last = mono
+        if not matched:
+            source.strays += 1
+            if source.strays > self.s.stray_budget:
+                if source.progress:
+                    src, dst = _split(key)
+                    events.append(
+                        Event(EventKind.PROGRESS_RESET, src, dst, None, port, "stray budget spent")
+                    )
+                source.progress.clear()
+                source.strays = 0
+        self.stats["drop"] += 1
+        return Decision(Verdict.DROP, tuple(events)) if events else DROP_SILENT
+
+    def _progress_event(self, key: bytes, cand: Candidate, port: int, nxt: int) -> Event:
+        src, dst = _split(key)
+        return Event(
+            EventKind.KNOCK_PROGRESS, src, dst, cand.user, port, f"{nxt}/{len(cand.ports)}"
+        )
+
+    def _new_source(self, key: bytes, mono: float, events: list[Event]) -> Source:
+        source = Source(last=mono)
+        self._sources[key] = source
+        if len(self._sources) > self.s.max_sources:
+            old_key, _ = self._sources.popitem(last=False)
+            src, dst = _split(old_key)
+            events.append(Event(EventKind.SOURCE_EVICTED, src, dst, None, None, "source table full"))
+        return source
+
+    def _start(
+        self, source: Source, cand: Candidate, pos: int, mono: float, key: bytes, events: list[Event]
+    ) -> None:
+        progress = source.progress
+        if len(progress) >= self.s.max_progress_per_source:
+            # Evict the least advanced (then oldest) progress: a real client's
+            # sequence advances, random starts do not.
+            victim = min(progress, key=lambda c: (progress[c].next, progress[c].started))
+            del progress[victim]
+        prog = Progress(started=mono, mask=1 << pos)
+        while (prog.mask >> prog.next) & 1:
+            prog.next += 1
+        progress[cand.cid] = prog
+        if prog.next == len(cand.ports):  # a one-port sequence
+            del progress[cand.cid]
+            events.extend(self._complete(key, source, cand, mono))
+
+    def _complete(self, key: bytes, source: Source, cand: Candidate, mono: float) -> list[Event]:
+        src, dst = _split(key)
+        user = self._users.get(cand.user)
+        source.strays = 0
+        current = self._counters.get((cand.user, cand.step), 0)
+        if user is None or not user.enabled:
+            return []
+        if cand.counter < current:
+            self._behind[key] = mono + self.s.open_seconds
+            self._behind.move_to_end(key)
+            while len(self._behind) > self.s.max_sources:
+                self._behind.popitem(last=False)
+            return [
+                Event(
+                    EventKind.SEQUENCE_STALE,
+                    src,
+                    dst,
+                    cand.user,
+                    None,
+                    f"counter {cand.counter} of step {cand.step} already used "
+                    f"(current {current}): replay or a client behind",
+                )
+            ]
+        # Current: advance the counter, add the next counter's candidate, forget the
+        # oldest stale one.
+        self._counters[(cand.user, cand.step)] = current + 1
+        self._add_candidate(cand.user, cand.step, current + 1)
+        drop = current - self.s.stale_counters
+        if drop >= 0:
+            self._remove_candidate(cand.user, cand.step, drop)
+        ports = self._grant_ports(user, key[len(key) // 2 :])
+        events = [
+            Event(
+                EventKind.SEQUENCE_COMPLETED,
+                src,
+                dst,
+                cand.user,
+                None,
+                f"step {cand.step} counter {cand.counter}",
+            )
+        ]
+        if not ports:
+            events.append(
+                Event(EventKind.GRANT_OPENED, src, dst, cand.user, None, "no protected port here")
+            )
+            return events
+        grants = self._grants.setdefault(key, {})
+        grants[cand.user] = Grant(cand.user, ports, self.s.max_connections, mono + self.s.open_seconds)
+        self._grants.move_to_end(key)
+        while len(self._grants) > self.s.max_grants:
+            old_key, old = self._grants.popitem(last=False)
+            osrc, odst = _split(old_key)
+            for name in old:
+                events.append(
+                    Event(EventKind.GRANT_REVOKED, osrc, odst, name, None, "grant table full")
+                )
+        self._behind.pop(key, None)
+        events.append(
+            Event(
+                EventKind.GRANT_OPENED,
+                src,
+                dst,
+                cand.user,
+                None,
+                f"ports {','.join(map(str, sorted(ports)))} for {self.s.open_seconds:g}s, "
+                f"{self.s.max_connections} connection(s)",
+            )
+        )
+        return events
+
+    def _grant_ports(self, user: User, dst: bytes) -> frozenset[int]:
+        ports = {
+            port
+            for port, dests in self.s.protect.items()
+            if dests is None or dst in dests
+        }
+        if user.ports is not None:
+            ports &= user.ports
+        return frozenset(ports)
+
+    # --- introspection and persistence ----------------------------------------
+
+    def counters(self) -> dict[str, dict[int, int]]:
+        out: dict[str, dict[int, int]] = {}
+        for (user, step), nxt in self._counters.items():
+            out.setdefault(user, {})[step] = nxt
+        return out
+
+    def grants(self, wall: float, mono: float) -> list[dict[str, Any]]:
+        out = []
+        for key, grants in self._grants.items():
+            src, dst = _split(key)
+            for g in grants.values():
+                if g.expires > mono:
+                    out.append(
+                        {
+                            "source": src,
+                            "destination": dst,
+                            "user": g.user,
+                            "ports": sorted(g.ports),
+                            "remaining": g.remaining,
+                            "expires": round(wall + (g.expires - mono), 3),
+                        }
+                    )
+        return out
+
+    def tracked_sources(self) -> int:
+        return len(self._sources)
+
+    def export_state(self, wall: float, mono: float) -> dict[str, Any]:
+        """Counters and live grants as plain data (wall-clock expiry)."""
+        return {
+            "version": 1,
+            "counters": [
+                {"user": u, "step": t, "next": n} for (u, t), n in sorted(self._counters.items())
+            ],
+            "grants": self.grants(wall, mono),
+        }
+
+    def restore_state(self, data: Mapping[str, Any], wall: float, mono: float) -> int:
+        """Load what :meth:`export_state` wrote.  Unknown users and dead entries are
+        skipped; malformed data raises ``ValueError``.  Returns entries restored."""
+        if data.get("version") != 1:
+            raise ValueError(f"unsupported state version {data.get('version')!r}")
+        restored = 0
+        counters: dict[tuple[str, int], int] = {}
+        for item in data.get("counters", []):
+            user, step, nxt = str(item["user"]), int(item["step"]), int(item["next"])
+            if nxt < 0 or step < 0:
+                raise ValueError(f"bad counter entry {item!r}")
+            if user in self._users:
+                counters[(user, step)] = max(nxt, self._counters.get((user, step), 0))
+        grants: list[tuple[bytes, Grant]] = []
+        for item in data.get("grants", []):
+            src = ipaddress.ip_address(str(item["source"])).packed
+            dst = ipaddress.ip_address(str(item["destination"])).packed
+            if len(src) != len(dst):
+                raise ValueError(f"mixed address families in {item!r}")
+            expires = float(item["expires"]) - wall + mono
+            user = self._users.get(str(item["user"]))
+            if user is None or not user.enabled or expires <= mono:
+                continue
+            ports = frozenset(int(p) for p in item["ports"]) & self._grant_ports(user, dst)
+            remaining = min(int(item["remaining"]), self.s.max_connections)
+            if ports and remaining > 0:
+                grants.append((src + dst, Grant(user.name, ports, remaining, expires)))
+        self._counters.update(counters)
+        restored += len(counters)
+        for key, grant in grants:
+            self._grants.setdefault(key, {})[grant.user] = grant
+            restored += 1
+        self._rebuild()
+        return restored

@@ -1,0 +1,68 @@
+"""What the verdict engine decides and reports: small immutable values, no I/O."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class Verdict(enum.IntEnum):
+    DROP = 0
+    ACCEPT = 1
+    REJECT = 2  # a TCP reset, sent by the static rule for nfknock's reject mark
+
+
+class EventKind(enum.Enum):
+    KNOCK_PROGRESS = "knock_progress"
+    SEQUENCE_COMPLETED = "sequence_completed"
+    SEQUENCE_STALE = "sequence_stale"
+    PROGRESS_RESET = "progress_reset"
+    GRANT_OPENED = "grant_opened"
+    GRANT_USED = "grant_used"
+    GRANT_EXPIRED = "grant_expired"
+    GRANT_REVOKED = "grant_revoked"
+    PROTECTED_ACCEPT = "protected_accept"
+    PROTECTED_REJECT = "protected_reject"
+    PROTECTED_DROP = "protected_drop"
+    SOURCE_EVICTED = "source_evicted"
+    MALFORMED_PACKET = "malformed_packet"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One thing worth logging.  ``source``/``destination`` are printable addresses."""
+
+    kind: EventKind
+    source: str
+    destination: str = ""
+    user: str | None = None
+    port: int | None = None
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"event": self.kind.value, "src": self.source}
+        if self.destination:
+            out["dst"] = self.destination
+        if self.user is not None:
+            out["user"] = self.user
+        if self.port is not None:
+            out["port"] = self.port
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+class Decision(NamedTuple):
+    verdict: Verdict
+    events: tuple[Event, ...] = ()
+
+
+def addr_text(packed: bytes) -> str:
+    """A packed IPv4 (4 bytes) or IPv6 (16 bytes) address as text."""
+    return str(ipaddress.ip_address(packed))
+
+
+DROP_SILENT = Decision(Verdict.DROP)

@@ -1,0 +1,202 @@
+"""The daemon's logic between the queue and the engine, without netfilterqueue.
+
+:class:`Service` owns the engine, the configuration, the state file and the event
+log.  The NFQUEUE adapter (:mod:`nfknock.daemon`) hands it each packet through
+:meth:`Service.verdict_for` and applies the answer; tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from nfknock.config import Config, ConfigError, load_config
+from nfknock.engine import Engine, EngineSettings
+from nfknock.events import Event, EventKind, Verdict
+from nfknock.fileio import StateError, load_json, save_json
+from nfknock.logs import EventLogger
+from nfknock.packet import MalformedPacket, parse_syn
+
+# Events after which the persisted state (counters, grants) is out of date.
+STATE_CHANGES = frozenset(
+    {
+        EventKind.SEQUENCE_COMPLETED,
+        EventKind.PROTECTED_ACCEPT,
+        EventKind.GRANT_REVOKED,
+    }
+)
+
+
+class Service:
+    def __init__(
+        self,
+        cfg: Config,
+        events: EventLogger,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.events = events
+        self.wall = wall
+        self.mono = mono
+        self.engine = Engine(EngineSettings.from_config(cfg), cfg.users, wall())
+        self.malformed = 0
+        self.errors = 0
+        self.started = wall()
+
+    # --- state ---------------------------------------------------------------
+
+    def restore(self) -> int:
+        """Load the state file; a corrupt one is fatal (raises StateError): without
+        the counters a sniffed sequence could be replayed."""
+        data = load_json(self.cfg.state_path)
+        if data is None:
+            return 0
+        if not isinstance(data, dict):
+            raise StateError(f"{self.cfg.state_path}: not a JSON object")
+        try:
+            return self.engine.restore_state(data, self.wall(), self.mono())
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"{self.cfg.state_path}: unusable state ({exc})") from None
+
+    def save(self) -> None:
+        save_json(self.cfg.state_path, self.engine.export_state(self.wall(), self.mono()))
+
+    # --- packets -------------------------------------------------------------
+
+    def verdict_for(self, payload: bytes) -> Verdict:
+        """The verdict for one queued packet.  Never raises: anything unexpected is
+        DROP plus an event (fail closed)."""
+        try:
+            src, dst, port = parse_syn(payload)
+            decision = self.engine.decide(src, dst, port, self.wall(), self.mono())
+            if decision.events:
+                self._handle_events(decision.events)
+            return decision.verdict
+        except MalformedPacket as exc:
+            self.malformed += 1
+            self._log(Event(EventKind.MALFORMED_PACKET, _src_of(payload), reason=exc.reason))
+        except Exception as exc:  # a bug: still a verdict, still running
+            self.errors += 1
+            self._log(
+                Event(
+                    EventKind.INTERNAL_ERROR,
+                    _src_of(payload),
+                    reason=f"{type(exc).__name__}: {exc}",
+                )
+            )
+        return Verdict.DROP
+
+    def _handle_events(self, events: Iterable[Event]) -> None:
+        dirty = False
+        for event in events:
+            self._log(event)
+            dirty = dirty or event.kind in STATE_CHANGES
+        if dirty:
+            # Synchronously, before the verdict: a counter that was used must be on
+            # disk before anyone can rely on the grant (kill -9 safe).
+            self.save()
+
+    def _log(self, event: Event) -> None:
+        try:
+            self.events.emit(event, self.wall())
+        except Exception:  # logging must never cost a verdict
+            self.errors += 1
+
+    # --- housekeeping ----------------------------------------------------------
+
+    def tick(self) -> None:
+        events = self.engine.tick(self.wall(), self.mono())
+        if events:
+            self._handle_events(events)
+        self.events.flush_suppressed()
+
+    def reload(self) -> str:
+        """Re-read configuration and users; keep progress, grants and counters.
+
+        A bad configuration keeps the running one (raises ConfigError, nothing
+        applied)."""
+        new = load_config(self.cfg.path)
+        old_settings = EngineSettings.from_config(self.cfg)
+        new_settings = EngineSettings.from_config(new)
+        if new.queue.number != self.cfg.queue.number:
+            raise ConfigError(new.path, "queue.number", "changing the queue needs a restart")
+        if new_settings == old_settings:
+            events = self.engine.set_users(new.users, self.mono())
+            how = "users reloaded"
+        else:
+            # Knock parameters changed: the sequences in flight are void; carry
+            # counters and grants over.
+            state = self.engine.export_state(self.wall(), self.mono())
+            engine = Engine(new_settings, new.users, self.wall())
+            engine.restore_state(state, self.wall(), self.mono())
+            events = []
+            self.engine = engine
+            how = "configuration reloaded (knock parameters changed: progress reset)"
+        self.cfg = new
+        self._handle_events(events)
+        self.save()
+        return how
+
+    def status(self, queue_stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        wall, mono = self.wall(), self.mono()
+        step = self.engine.step
+        counters = {
+            user: steps.get(step, 0) for user, steps in self.engine.counters().items()
+        }
+        return {
+            "pid": os.getpid(),
+            "uptime": round(wall - self.started, 1),
+            "step": step,
+            "users": {
+                u.name: {"enabled": u.enabled, "counter": counters.get(u.name, 0)}
+                for u in self.cfg.users
+            },
+            "grants": self.engine.grants(wall, mono),
+            "tracked_sources": self.engine.tracked_sources(),
+            "verdicts": dict(self.engine.stats),
+            "malformed": self.malformed,
+            "internal_errors": self.errors,
+            "queue": queue_stats or {},
+        }
+
+
+def _src_of(payload: bytes) -> str:
+    """Best-effort source address of a packet we could not parse (for the log)."""
+    import ipaddress
+
+    try:
+        if payload[:1] and payload[0] >> 4 == 4 and len(payload) >= 20:
+            return str(ipaddress.ip_address(payload[12:16]))
+        if payload[:1] and payload[0] >> 4 == 6 and len(payload) >= 40:
+            return str(ipaddress.ip_address(payload[8:24]))
+    except ValueError:
+        pass
+    return "?"
+
+
+def queue_stats(number: int, path: Path = Path("/proc/net/netfilter/nfnetlink_queue")) -> dict[str, int]:
+    """This queue's line of /proc/net/netfilter/nfnetlink_queue (see nfnetlink_queue.c:
+    queue, peer portid, waiting, copy mode, copy range, queue dropped, user dropped,
+    last id, 1)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) >= 8 and f[0] == str(number):
+            return {
+                "queue": int(f[0]),
+                "portid": int(f[1]),
+                "waiting": int(f[2]),
+                "copy_mode": int(f[3]),
+                "copy_range": int(f[4]),
+                "queue_dropped": int(f[5]),
+                "user_dropped": int(f[6]),
+                "last_id": int(f[7]),
+            }
+    return {}

@@ -1,0 +1,88 @@
+"""Shared helpers for the unit tests: a fake clock and ready-made engines."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import replace
+
+from nfknock.config import User
+from nfknock.engine import Engine, EngineSettings
+from nfknock.events import Decision, EventKind, Verdict
+from nfknock.sequence import SequenceParams, derive, step_of
+
+SECRET_A = bytes(range(32))
+SECRET_B = bytes(range(100, 132))
+T0 = 1_700_000_010.0  # 10 s into a 30 s step
+
+
+def ip(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+CLIENT = ip("198.51.100.10")
+CLIENT2 = ip("198.51.100.11")
+SERVER = ip("198.51.100.1")
+CLIENT6 = ip("2001:db8::10")
+SERVER6 = ip("2001:db8::1")
+
+
+def settings(**overrides: object) -> EngineSettings:
+    base = EngineSettings(
+        params=SequenceParams(exclude=frozenset({22})),
+        protect={22: None},
+    )
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def alice(**kw: object) -> User:
+    return replace(User("alice", SECRET_A), **kw)  # type: ignore[arg-type]
+
+
+def bob(**kw: object) -> User:
+    return replace(User("bob", SECRET_B), **kw)  # type: ignore[arg-type]
+
+
+class Clock:
+    """Wall and monotonic time moving together, stepped by the test."""
+
+    def __init__(self, wall: float = T0) -> None:
+        self.wall = wall
+        self.mono = 1000.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+
+def make(users: Iterable[User] = (), clock: Clock | None = None, **kw: object) -> tuple[Engine, Clock]:
+    clock = clock or Clock()
+    users = list(users) or [alice()]
+    return Engine(settings(**kw), users, clock.wall), clock
+
+
+def seq(engine: Engine, user: User, wall: float, counter: int = 0) -> tuple[int, ...]:
+    return derive(user.secret, step_of(wall, engine.s.params.step_seconds), counter, engine.s.params)
+
+
+def knock_all(
+    engine: Engine,
+    clock: Clock,
+    ports: Iterable[int],
+    src: bytes = CLIENT,
+    dst: bytes = SERVER,
+    gap: float = 0.001,
+) -> list[Decision]:
+    out = []
+    for port in ports:
+        out.append(engine.decide(src, dst, port, clock.wall, clock.mono))
+        clock.advance(gap)
+    return out
+
+
+def syn(engine: Engine, clock: Clock, port: int = 22, src: bytes = CLIENT, dst: bytes = SERVER) -> Verdict:
+    return engine.decide(src, dst, port, clock.wall, clock.mono).verdict
+
+
+def kinds(decisions: Iterable[Decision]) -> list[EventKind]:
+    return [e.kind for d in decisions for e in d.events]

@@ -1,0 +1,362 @@
+"""Engine scenarios with a fake clock: exact, one behaviour per test."""
+
+from __future__ import annotations
+
+import random
+
+from nfknock.engine import Engine
+from nfknock.events import EventKind, Verdict
+
+from .helpers import (
+    CLIENT,
+    CLIENT2,
+    CLIENT6,
+    SERVER,
+    SERVER6,
+    Clock,
+    alice,
+    bob,
+    ip,
+    kinds,
+    knock_all,
+    make,
+    seq,
+    settings,
+    syn,
+)
+
+
+def test_protected_port_is_dropped_before_knocking() -> None:
+    engine, clock = make()
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_every_knock_is_dropped_including_the_completing_one() -> None:
+    engine, clock = make()
+    decisions = knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    assert {d.verdict for d in decisions} == {Verdict.DROP}
+    assert EventKind.GRANT_OPENED in kinds(decisions)
+
+
+def test_correct_sequence_opens_the_protected_port() -> None:
+    engine, clock = make()
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_grant_allows_only_max_connections_new_connections() -> None:
+    engine, clock = make()
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    assert syn(engine, clock) is Verdict.ACCEPT
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_max_connections_three_allows_three() -> None:
+    engine, clock = make(max_connections=3)
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    assert [syn(engine, clock) for _ in range(4)] == [Verdict.ACCEPT] * 3 + [Verdict.DROP]
+
+
+def test_grant_expires_after_open_seconds() -> None:
+    engine, clock = make(open_seconds=30.0)
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    clock.advance(30.5)
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_expiry_is_reported_by_tick() -> None:
+    engine, clock = make(open_seconds=5.0)
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    clock.advance(6)
+    events = engine.tick(clock.wall, clock.mono)
+    assert [e.kind for e in events] == [EventKind.GRANT_EXPIRED]
+    assert engine.grants(clock.wall, clock.mono) == []
+
+
+def test_grant_is_bound_to_source_and_destination() -> None:
+    engine, clock = make()
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    assert syn(engine, clock, src=CLIENT2) is Verdict.DROP
+    assert syn(engine, clock, dst=ip("198.51.100.2")) is Verdict.DROP
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_grant_covers_only_the_users_ports() -> None:
+    engine, clock = make(
+        users=[alice(ports=frozenset({22}))],
+        protect={22: None, 2222: None},
+    )
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    assert syn(engine, clock, port=2222) is Verdict.DROP
+    assert syn(engine, clock, port=22) is Verdict.ACCEPT
+
+
+def test_sequence_of_the_previous_step_still_opens_within_skew() -> None:
+    engine, clock = make()
+    ports = seq(engine, alice(), clock.wall - 30)
+    assert knock_all(engine, clock, ports)
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_sequence_of_the_next_step_opens_within_skew() -> None:
+    engine, clock = make()
+    knock_all(engine, clock, seq(engine, alice(), clock.wall + 30))
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_sequence_two_steps_old_is_refused_with_skew_one() -> None:
+    engine, clock = make()
+    knock_all(engine, clock, seq(engine, alice(), clock.wall - 60))
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_skew_zero_accepts_only_the_current_step() -> None:
+    engine, clock = make(skew_steps=0)
+    knock_all(engine, clock, seq(engine, alice(), clock.wall - 30))
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_sequence_rolls_over_with_the_clock() -> None:
+    engine, clock = make()
+    clock.advance(300)
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_counter_advances_after_a_completed_sequence() -> None:
+    engine, clock = make()
+    knock_all(engine, clock, seq(engine, alice(), clock.wall, counter=0))
+    assert syn(engine, clock) is Verdict.ACCEPT
+    knock_all(engine, clock, seq(engine, alice(), clock.wall, counter=1), src=CLIENT2)
+    assert syn(engine, clock, src=CLIENT2) is Verdict.ACCEPT
+    assert engine.counters()["alice"][engine.step] == 2
+
+
+def test_replay_of_a_used_sequence_gets_reject_as_behind() -> None:
+    engine, clock = make()
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports)
+    assert syn(engine, clock) is Verdict.ACCEPT
+    decisions = knock_all(engine, clock, ports)
+    assert EventKind.SEQUENCE_STALE in kinds(decisions)
+    assert syn(engine, clock) is Verdict.REJECT
+
+
+def test_replay_from_another_source_gets_reject_not_accept() -> None:
+    engine, clock = make()
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports)
+    knock_all(engine, clock, ports, src=CLIENT2)
+    assert syn(engine, clock, src=CLIENT2) is Verdict.REJECT
+
+
+def test_behind_mark_ends_after_open_seconds() -> None:
+    engine, clock = make(open_seconds=10.0)
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports)
+    knock_all(engine, clock, ports, src=CLIENT2)
+    clock.advance(11)
+    assert syn(engine, clock, src=CLIENT2) is Verdict.DROP
+
+
+def test_behind_client_advancing_its_counter_gets_in() -> None:
+    engine, clock = make()
+    knock_all(engine, clock, seq(engine, alice(), clock.wall, 0), src=CLIENT2)
+    knock_all(engine, clock, seq(engine, alice(), clock.wall, 0))
+    assert syn(engine, clock) is Verdict.REJECT
+    knock_all(engine, clock, seq(engine, alice(), clock.wall, 1))
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_replay_after_the_window_of_steps_is_silently_dropped() -> None:
+    engine, clock = make()
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports)
+    clock.advance(120)
+    decisions = knock_all(engine, clock, ports)
+    assert kinds(decisions) == [] or EventKind.GRANT_OPENED not in kinds(decisions)
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_wrong_secret_never_opens() -> None:
+    engine, clock = make()
+    knock_all(engine, clock, seq(engine, bob(), clock.wall))
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_revoked_user_loses_grant_and_cannot_knock() -> None:
+    engine, clock = make(users=[alice(), bob()])
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    events = engine.set_users([bob()], clock.mono)
+    assert [(e.kind, e.user) for e in events] == [(EventKind.GRANT_REVOKED, "alice")]
+    assert syn(engine, clock) is Verdict.DROP
+    knock_all(engine, clock, seq(engine, alice(), clock.wall, 1), src=CLIENT2)
+    assert syn(engine, clock, src=CLIENT2) is Verdict.DROP
+
+
+def test_disabled_user_cannot_open_and_reenabled_user_can() -> None:
+    engine, clock = make(users=[alice(enabled=False)])
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    assert syn(engine, clock) is Verdict.DROP
+    engine.set_users([alice()], clock.mono)
+    knock_all(engine, clock, seq(engine, alice(), clock.wall), src=CLIENT2)
+    assert syn(engine, clock, src=CLIENT2) is Verdict.ACCEPT
+
+
+def test_rekeyed_user_old_sequence_no_longer_opens() -> None:
+    engine, clock = make()
+    old = seq(engine, alice(), clock.wall)
+    engine.set_users([alice(secret=bytes(32))], clock.mono)
+    knock_all(engine, clock, old)
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_user_added_at_run_time_can_open() -> None:
+    engine, clock = make()
+    engine.set_users([alice(), bob()], clock.mono)
+    knock_all(engine, clock, seq(engine, bob(), clock.wall))
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_two_users_interleaved_from_one_address_both_complete() -> None:
+    engine, clock = make(users=[alice(), bob()], max_connections=2)
+    a, b = seq(engine, alice(), clock.wall), seq(engine, bob(), clock.wall)
+    mixed = [p for pair in zip(a, b, strict=True) for p in pair]
+    decisions = knock_all(engine, clock, mixed)
+    opened = [e.user for d in decisions for e in d.events if e.kind is EventKind.GRANT_OPENED]
+    assert sorted(u for u in opened if u) == ["alice", "bob"]
+
+
+def test_ipv6_source_opens_for_ipv6_destination() -> None:
+    engine, clock = make()
+    knock_all(engine, clock, seq(engine, alice(), clock.wall), src=CLIENT6, dst=SERVER6)
+    assert syn(engine, clock, src=CLIENT6, dst=SERVER6) is Verdict.ACCEPT
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_duplicated_knocks_are_ignored() -> None:
+    engine, clock = make()
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, [p for p in ports for _ in range(3)])
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_reordering_within_the_window_still_completes() -> None:
+    engine, clock = make(reorder_window=4)
+    ports = list(seq(engine, alice(), clock.wall))
+    for i in range(0, len(ports) - 4, 5):
+        ports[i], ports[i + 4] = ports[i + 4], ports[i]
+    knock_all(engine, clock, ports)
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_reordering_beyond_the_window_does_not_complete() -> None:
+    engine, clock = make(reorder_window=2)
+    ports = list(seq(engine, alice(), clock.wall))
+    ports[0], ports[10] = ports[10], ports[0]
+    knock_all(engine, clock, ports)
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_sequence_slower_than_the_timeout_does_not_complete() -> None:
+    engine, clock = make(sequence_timeout=10.0)
+    knock_all(engine, clock, seq(engine, alice(), clock.wall), gap=0.5)
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_stray_knocks_beyond_the_budget_reset_progress() -> None:
+    engine, clock = make(stray_budget=3)
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports[:10])
+    used = set(ports)
+    strays = [p for p in range(5000, 5100) if p not in used][:4]
+    decisions = knock_all(engine, clock, strays)
+    assert EventKind.PROGRESS_RESET in kinds(decisions)
+    knock_all(engine, clock, ports[10:])
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_stray_knocks_within_the_budget_are_tolerated() -> None:
+    engine, clock = make(stray_budget=3)
+    ports = seq(engine, alice(), clock.wall)
+    used = set(ports)
+    strays = [p for p in range(5000, 5100) if p not in used][:3]
+    knock_all(engine, clock, list(ports[:10]) + strays + list(ports[10:]))
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_port_outside_range_and_not_protected_is_dropped_without_state() -> None:
+    engine, clock = make()
+    assert syn(engine, clock, port=80) is Verdict.DROP
+    assert syn(engine, clock, port=65000) is Verdict.DROP
+    assert engine.tracked_sources() == 0
+
+
+def test_protected_port_at_a_destination_only_opens_there() -> None:
+    gw_host = ip("198.51.100.20")
+    engine, clock = make(protect={22: frozenset({gw_host})})
+    knock_all(engine, clock, seq(engine, alice(), clock.wall), dst=gw_host)
+    assert syn(engine, clock, dst=SERVER) is Verdict.DROP
+    assert syn(engine, clock, dst=gw_host) is Verdict.ACCEPT
+
+
+def test_source_table_is_bounded_by_lru_eviction() -> None:
+    engine, clock = make(max_sources=16)
+    starters = list(seq(engine, alice(), clock.wall)[:1])
+    for i in range(100):
+        src = ip(f"198.51.100.{i + 2}") if i < 200 else CLIENT
+        knock_all(engine, clock, starters, src=src)
+    assert engine.tracked_sources() == 16
+
+
+def test_progress_per_source_is_bounded() -> None:
+    users = [alice(name=f"u{i}", secret=bytes([i]) * 32) for i in range(40)]
+    engine, clock = make(users=users, max_progress_per_source=4)
+    firsts = [seq(engine, u, clock.wall)[0] for u in users]
+    knock_all(engine, clock, firsts)
+    source = engine._sources[CLIENT + SERVER]
+    assert len(source.progress) <= 4
+
+
+def test_export_and_restore_keep_counters_and_grants() -> None:
+    engine, clock = make()
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports)
+    data = engine.export_state(clock.wall, clock.mono)
+    fresh = Engine(settings(), [alice()], clock.wall)
+    later = Clock(clock.wall)
+    later.mono = 50.0  # a new boot: the monotonic clock restarted
+    fresh.restore_state(data, later.wall, later.mono)
+    assert syn(fresh, later) is Verdict.ACCEPT
+    knock_all(fresh, later, ports, src=CLIENT2)
+    assert syn(fresh, later, src=CLIENT2) is Verdict.REJECT
+
+
+def test_restore_skips_unknown_users_and_expired_grants() -> None:
+    engine, clock = make()
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    data = engine.export_state(clock.wall, clock.mono)
+    fresh = Engine(settings(), [bob()], clock.wall)
+    fresh.restore_state(data, clock.wall, clock.mono)
+    assert fresh.grants(clock.wall, clock.mono) == []
+    assert fresh.counters() == {}
+
+
+def test_tick_derives_the_next_step_ahead_of_time() -> None:
+    clock = Clock(wall=1_700_000_035.0)  # 5 s before a step boundary
+    engine, _ = make(clock=clock)
+    engine.tick(clock.wall, clock.mono)
+    assert engine._ahead
+    clock.advance(10)
+    knock_all(engine, clock, seq(engine, alice(), clock.wall + 30))
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_random_knocks_from_many_sources_create_little_state() -> None:
+    engine, clock = make()
+    rng = random.Random(7)
+    for _ in range(20_000):
+        src = rng.getrandbits(32).to_bytes(4, "big")
+        engine.decide(src, SERVER, rng.randint(1024, 33791), clock.wall, clock.mono)
+    # One user, 3 steps, 5 start positions: about 15/32768 of random knocks start.
+    assert engine.tracked_sources() < 100
