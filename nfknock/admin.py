@@ -14,7 +14,7 @@ import toml
 
 from nfknock.config import Config, ConfigError, load_config, parse_users
 from nfknock.fileio import atomic_write
-from nfknock.sequence import format_base32, generate_secret, parse_port_list, SchemeError
+from nfknock.sequence import SchemeError, format_base32, generate_secret, parse_port_list
 
 CONFIG_TEMPLATE = """\
 # nfknock configuration (TOML).  `nfknock check --config {config}` validates it.
@@ -223,8 +223,10 @@ def cmd_user(args: argparse.Namespace) -> int:
         print(profile_text(cfg, name, secret, host, profile, allowed[0]))
         print()
         print("# or on the command line (secret in a file only you can read):")
-        print(f"#   nfknock-client knock {host} --secret-file ~/.nfknock-{name} --port {allowed[0]}"
-              + (f" --realm {cfg.knock.realm}" if cfg.knock.realm else ""))
+        print(
+            f"#   nfknock-client knock {host} --secret-file ~/.nfknock-{name} --port {allowed[0]}"
+            + (f" --realm {cfg.knock.realm}" if cfg.knock.realm else "")
+        )
     print(_signal_daemon(cfg))
     return 0
 
@@ -261,9 +263,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return Daemon(cfg).run()
     except StateError as exc:
-        print(f"nfknock run: error: {exc} (move it aside to start without it; "
-              "sequences used before may then be replayed within the skew window)",
-              file=sys.stderr)
+        print(
+            f"nfknock run: error: {exc} (move it aside to start without it; "
+            "sequences used before may then be replayed within the skew window)",
+            file=sys.stderr,
+        )
         return 2
 
 
@@ -281,17 +285,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=1))
         return 0
     print(f"pid {st.get('pid')}  up {st.get('uptime')}s  step {st.get('step')}")
-    print(f"verdicts {st.get('verdicts')}  malformed {st.get('malformed')}  "
-          f"errors {st.get('internal_errors')}")
+    print(
+        f"verdicts {st.get('verdicts')}  malformed {st.get('malformed')}  "
+        f"errors {st.get('internal_errors')}"
+    )
     q = st.get("queue") or {}
-    print(f"queue {q.get('queue')}: waiting {q.get('waiting')}  "
-          f"queue_dropped {q.get('queue_dropped')}  user_dropped {q.get('user_dropped')}")
+    print(
+        f"queue {q.get('queue')}: waiting {q.get('waiting')}  "
+        f"queue_dropped {q.get('queue_dropped')}  user_dropped {q.get('user_dropped')}"
+    )
     print(f"tracked sources {st.get('tracked_sources')}")
     for name, u in sorted((st.get("users") or {}).items()):
         print(f"user {name}: {'enabled' if u['enabled'] else 'disabled'}, counter {u['counter']}")
     for g in st.get("grants") or []:
-        print(f"grant {g['user']} {g['source']} -> {g['destination']} ports {g['ports']} "
-              f"left {g['remaining']} until {g['expires']}")
+        print(
+            f"grant {g['user']} {g['source']} -> {g['destination']} ports {g['ports']} "
+            f"left {g['remaining']} until {g['expires']}"
+        )
     return 0
 
 

@@ -241,9 +241,7 @@ def _network(table: _Table, name: str) -> IPNetwork:
         raise table.error(name, f"{text!r} is not a network ({exc})") from None
 
 
-def _array_of_tables(
-    root: _Table, name: str, build: Callable[[_Table], T]
-) -> tuple[T, ...]:
+def _array_of_tables(root: _Table, name: str, build: Callable[[_Table], T]) -> tuple[T, ...]:
     raw = root.data.pop(name, [])
     if not isinstance(raw, list):
         raise root.error(name, f"must be an array of tables ([[{name}]]), not {_kind(raw)}")
@@ -409,7 +407,9 @@ def parse_users(path: Path, data: Mapping[str, Any], protected: frozenset[int]) 
     users = []
     for name in sorted(table.data):
         if not USER_NAME.match(name):
-            raise table.error(name, "user names are 1-64 of A-Z a-z 0-9 _ . @ - (first alphanumeric)")
+            raise table.error(
+                name, "user names are 1-64 of A-Z a-z 0-9 _ . @ - (first alphanumeric)"
+            )
         u = table.sub(name)
         if "secret" not in u.data:
             raise u.error("secret", "is required")

@@ -53,6 +53,8 @@ class Daemon:
         verdict = Verdict.DROP
         try:
             verdict = self.service.verdict_for(pkt.get_payload())
+        except Exception as exc:  # verdict_for never raises; get_payload might
+            self.service.internal_error(exc, b"")
         finally:
             try:
                 if verdict is Verdict.ACCEPT:
@@ -95,7 +97,7 @@ class Daemon:
 
     # --- control socket ---------------------------------------------------------
 
-    def _open_control(self) -> None:
+    def _open_control(self) -> socket.socket:
         path = self.service.cfg.control_socket
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
@@ -110,6 +112,7 @@ class Daemon:
         sock.listen(4)
         sock.setblocking(False)
         self._control = sock
+        return sock
 
     def _serve_control(self) -> None:
         if self._control is None:
@@ -138,7 +141,9 @@ class Daemon:
             try:
                 how = self.service.reload()
             except ConfigError as exc:
-                log.error("reload_failed", error=str(exc), reason="keeping the running configuration")
+                log.error(
+                    "reload_failed", error=str(exc), reason="keeping the running configuration"
+                )
                 return {"ok": False, "error": str(exc)}
             log.info("reloaded", detail=how, users=len(self.service.cfg.users))
             return {"ok": True, "detail": how}
@@ -162,7 +167,7 @@ class Daemon:
                 reason="another process may hold the queue, or CAP_NET_ADMIN is missing",
             )
             return 1
-        self._open_control()
+        control = self._open_control()
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -179,13 +184,12 @@ class Daemon:
             knock_range=f"{cfg.knock.port_min}-{cfg.knock.port_max}",
             restored=restored,
         )
-        notify("READY=1\nSTATUS=verdicts on queue %d" % cfg.queue.number)
+        notify(f"READY=1\nSTATUS=verdicts on queue {cfg.queue.number}")
         fd = nfq.get_fd()
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(wake_r.fileno(), select.POLLIN)
-        assert self._control is not None
-        poller.register(self._control.fileno(), select.POLLIN)
+        poller.register(control.fileno(), select.POLLIN)
         try:
             while not self._stop:
                 ready = {f for f, _ in poller.poll(int(HOUSEKEEPING * 1000))}

@@ -89,10 +89,11 @@ class EngineSettings:
         # port -> the destinations it is protected at; None: at every address.
         protect: dict[int, frozenset[bytes] | None] = {}
         for p in cfg.protect:
-            if p.address is None or p.port in protect and protect[p.port] is None:
+            known = protect.get(p.port, frozenset())
+            if p.address is None or known is None:
                 protect[p.port] = None
             else:
-                protect[p.port] = protect.get(p.port, frozenset()) | {p.address.packed}
+                protect[p.port] = known | {p.address.packed}
         k, d, lim = cfg.knock, cfg.door, cfg.limits
         return cls(
             params=cfg.sequence_params(),
@@ -189,10 +190,10 @@ class Engine:
         for name, u in self._users.items():
             if name in old and old[name].secret != u.secret:
                 ended.add(name)  # rekeyed: old sequences and counters are void
-                for key in [k for k in self._counters if k[0] == name]:
-                    del self._counters[key]
-                for key in [k for k in self._by_key if k[0] == name]:
-                    del self._candidates[self._by_key.pop(key)]
+                for counter_key in [k for k in self._counters if k[0] == name]:
+                    del self._counters[counter_key]
+                for cand_key in [k for k in self._by_key if k[0] == name]:
+                    del self._candidates[self._by_key.pop(cand_key)]
         events = self._end_grants(ended, "user revoked or disabled")
         self._rebuild()
         return events
@@ -246,8 +247,8 @@ class Engine:
         for cand in self._candidates.values():
             self._index(cand)
         # Counters older than the window can never matter again.
-        for key in [k for k in self._counters if k[1] < steps.start]:
-            del self._counters[key]
+        for counter_key in [k for k in self._counters if k[1] < steps.start]:
+            del self._counters[counter_key]
         self._ahead = {k: v for k, v in self._ahead.items() if k[1] > self._step}
 
     def _add_candidate(self, user: str, step: int, counter: int, *, index: bool = True) -> None:
@@ -469,11 +470,19 @@ class Engine:
         if len(self._sources) > self.s.max_sources:
             old_key, _ = self._sources.popitem(last=False)
             src, dst = _split(old_key)
-            events.append(Event(EventKind.SOURCE_EVICTED, src, dst, None, None, "source table full"))
+            events.append(
+                Event(EventKind.SOURCE_EVICTED, src, dst, None, None, "source table full")
+            )
         return source
 
     def _start(
-        self, source: Source, cand: Candidate, pos: int, mono: float, key: bytes, events: list[Event]
+        self,
+        source: Source,
+        cand: Candidate,
+        pos: int,
+        mono: float,
+        key: bytes,
+        events: list[Event],
     ) -> None:
         progress = source.progress
         if len(progress) >= self.s.max_progress_per_source:
@@ -536,7 +545,9 @@ class Engine:
             )
             return events
         grants = self._grants.setdefault(key, {})
-        grants[cand.user] = Grant(cand.user, ports, self.s.max_connections, mono + self.s.open_seconds)
+        grants[cand.user] = Grant(
+            cand.user, ports, self.s.max_connections, mono + self.s.open_seconds
+        )
         self._grants.move_to_end(key)
         while len(self._grants) > self.s.max_grants:
             old_key, old = self._grants.popitem(last=False)
@@ -560,11 +571,7 @@ class Engine:
         return events
 
     def _grant_ports(self, user: User, dst: bytes) -> frozenset[int]:
-        ports = {
-            port
-            for port, dests in self.s.protect.items()
-            if dests is None or dst in dests
-        }
+        ports = {port for port, dests in self.s.protect.items() if dests is None or dst in dests}
         if user.ports is not None:
             ports &= user.ports
         return frozenset(ports)
@@ -628,13 +635,13 @@ class Engine:
             if len(src) != len(dst):
                 raise ValueError(f"mixed address families in {item!r}")
             expires = float(item["expires"]) - wall + mono
-            user = self._users.get(str(item["user"]))
-            if user is None or not user.enabled or expires <= mono:
+            owner = self._users.get(str(item["user"]))
+            if owner is None or not owner.enabled or expires <= mono:
                 continue
-            ports = frozenset(int(p) for p in item["ports"]) & self._grant_ports(user, dst)
+            ports = frozenset(int(p) for p in item["ports"]) & self._grant_ports(owner, dst)
             remaining = min(int(item["remaining"]), self.s.max_connections)
             if ports and remaining > 0:
-                grants.append((src + dst, Grant(user.name, ports, remaining, expires)))
+                grants.append((src + dst, Grant(owner.name, ports, remaining, expires)))
         self._counters.update(counters)
         restored += len(counters)
         for key, grant in grants:

@@ -16,7 +16,12 @@ import structlog
 
 from nfknock.events import Event, EventKind
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 EVENT_LEVEL = {
     EventKind.KNOCK_PROGRESS: logging.DEBUG,
@@ -27,14 +32,21 @@ EVENT_LEVEL = {
     EventKind.INTERNAL_ERROR: logging.ERROR,
 }
 RATE_LIMITED = frozenset(
-    {EventKind.PROTECTED_DROP, EventKind.MALFORMED_PACKET, EventKind.SOURCE_EVICTED, EventKind.PROGRESS_RESET}
+    {
+        EventKind.PROTECTED_DROP,
+        EventKind.MALFORMED_PACKET,
+        EventKind.SOURCE_EVICTED,
+        EventKind.PROGRESS_RESET,
+    }
 )
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout
     console = fmt == "console" or (fmt == "auto" and stream.isatty())
-    renderer: Any = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    )
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

@@ -155,8 +155,7 @@ def render_nftables(cfg: Config) -> str:
             return f"{'ip' if t.address.version == 4 else 'ip6'} daddr {t.address} "
 
         def src(t: _Target) -> str:
-            assert t.address is not None
-            return f"{'ip' if t.address.version == 4 else 'ip6'} saddr {t.address} "
+            return dst(t).replace(" daddr ", " saddr ")
 
         def pset(ports: Iterable[int]) -> str:
             return "{ " + ", ".join(map(str, sorted(ports))) + " }"
@@ -231,12 +230,14 @@ def install(cfg: Config) -> list[str]:
         text = render_iptables(cfg, family)
         hooks = [h for h in CHAIN if f":{CHAIN[h]} " in text]
         stale = [h for h in CHAIN if h not in hooks and _chain_exists(ipt, CHAIN[h])]
-        lines = text.rstrip("\n").split("\n")
-        assert lines[-1] == "COMMIT"
+        body = text.rstrip("\n").removesuffix("COMMIT").rstrip("\n").split("\n")
         extra = [f"-I {h} 1 -j {CHAIN[h]}" for h in hooks if _jumps(ipt, h) == 0]
         for h in stale:  # a hook no longer used since the last install
-            extra += [f"-D {h} -j {CHAIN[h]}"] * _jumps(ipt, h) + [f"-F {CHAIN[h]}", f"-X {CHAIN[h]}"]
-        _run([restore, "-w", "--noflush"], "\n".join(lines[:-1] + extra + ["COMMIT"]) + "\n")
+            extra += [f"-D {h} -j {CHAIN[h]}"] * _jumps(ipt, h) + [
+                f"-F {CHAIN[h]}",
+                f"-X {CHAIN[h]}",
+            ]
+        _run([restore, "-w", "--noflush"], "\n".join([*body, *extra, "COMMIT"]) + "\n")
         done.append(f"{ipt_name}: installed {', '.join(CHAIN[h] for h in hooks) or 'nothing'}")
     return done
 

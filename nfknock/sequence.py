@@ -66,8 +66,7 @@ class SequenceParams:
     def __post_init__(self) -> None:
         if not 1 <= self.port_min <= self.port_max <= 65535:
             raise SchemeError(
-                f"port range {self.port_min}-{self.port_max} must satisfy "
-                "1 <= min <= max <= 65535"
+                f"port range {self.port_min}-{self.port_max} must satisfy 1 <= min <= max <= 65535"
             )
         if not 1 <= self.length <= MAX_LENGTH:
             raise SchemeError(f"length {self.length} must be between 1 and {MAX_LENGTH}")
@@ -147,9 +146,7 @@ def ports_from_block(secret: bytes, block: bytes, params: SequenceParams) -> tup
         current = hmac.digest(secret, block + struct.pack(">I", index), hashlib.sha512)
 
 
-def derive(
-    secret: bytes, step: int, counter: int, params: SequenceParams
-) -> tuple[int, ...]:
+def derive(secret: bytes, step: int, counter: int, params: SequenceParams) -> tuple[int, ...]:
     """The knock sequence for one (step, counter)."""
     return ports_from_block(secret, first_block(secret, step, counter, params.realm), params)
 
@@ -213,8 +210,8 @@ def parse_port_range(text: str) -> tuple[int, int]:
 def parse_port_list(text: str) -> frozenset[int]:
     """``P,P,...`` as on the command line (empty string: no ports)."""
     ports: set[int] = set()
-    for item in text.split(","):
-        item = item.strip()
+    for raw in text.split(","):
+        item = raw.strip()
         if not item:
             continue
         try:

@@ -80,15 +80,13 @@ class Service:
             self.malformed += 1
             self._log(Event(EventKind.MALFORMED_PACKET, _src_of(payload), reason=exc.reason))
         except Exception as exc:  # a bug: still a verdict, still running
-            self.errors += 1
-            self._log(
-                Event(
-                    EventKind.INTERNAL_ERROR,
-                    _src_of(payload),
-                    reason=f"{type(exc).__name__}: {exc}",
-                )
-            )
+            self.internal_error(exc, payload)
         return Verdict.DROP
+
+    def internal_error(self, exc: Exception, payload: bytes) -> None:
+        self.errors += 1
+        reason = f"{type(exc).__name__}: {exc}"
+        self._log(Event(EventKind.INTERNAL_ERROR, _src_of(payload), reason=reason))
 
     def _handle_events(self, events: Iterable[Event]) -> None:
         dirty = False
@@ -144,9 +142,7 @@ class Service:
     def status(self, queue_stats: dict[str, Any] | None = None) -> dict[str, Any]:
         wall, mono = self.wall(), self.mono()
         step = self.engine.step
-        counters = {
-            user: steps.get(step, 0) for user, steps in self.engine.counters().items()
-        }
+        counters = {user: steps.get(step, 0) for user, steps in self.engine.counters().items()}
         return {
             "pid": os.getpid(),
             "uptime": round(wall - self.started, 1),
@@ -178,7 +174,9 @@ def _src_of(payload: bytes) -> str:
     return "?"
 
 
-def queue_stats(number: int, path: Path = Path("/proc/net/netfilter/nfnetlink_queue")) -> dict[str, int]:
+def queue_stats(
+    number: int, path: Path = Path("/proc/net/netfilter/nfnetlink_queue")
+) -> dict[str, int]:
     """This queue's line of /proc/net/netfilter/nfnetlink_queue (see nfnetlink_queue.c:
     queue, peer portid, waiting, copy mode, copy range, queue dropped, user dropped,
     last id, 1)."""

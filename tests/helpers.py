@@ -55,14 +55,18 @@ class Clock:
         self.mono += seconds
 
 
-def make(users: Iterable[User] = (), clock: Clock | None = None, **kw: object) -> tuple[Engine, Clock]:
+def make(
+    users: Iterable[User] = (), clock: Clock | None = None, **kw: object
+) -> tuple[Engine, Clock]:
     clock = clock or Clock()
     users = list(users) or [alice()]
     return Engine(settings(**kw), users, clock.wall), clock
 
 
 def seq(engine: Engine, user: User, wall: float, counter: int = 0) -> tuple[int, ...]:
-    return derive(user.secret, step_of(wall, engine.s.params.step_seconds), counter, engine.s.params)
+    return derive(
+        user.secret, step_of(wall, engine.s.params.step_seconds), counter, engine.s.params
+    )
 
 
 def knock_all(
@@ -80,7 +84,9 @@ def knock_all(
     return out
 
 
-def syn(engine: Engine, clock: Clock, port: int = 22, src: bytes = CLIENT, dst: bytes = SERVER) -> Verdict:
+def syn(
+    engine: Engine, clock: Clock, port: int = 22, src: bytes = CLIENT, dst: bytes = SERVER
+) -> Verdict:
     return engine.decide(src, dst, port, clock.wall, clock.mono).verdict
 
 

@@ -103,8 +103,16 @@ def read_secret_file(path: Path) -> bytes:
 
 
 PROFILE_KEYS = {
-    "host", "port", "secret", "secret_file", "realm", "port_min", "port_max", "length",
-    "step_seconds", "exclude",
+    "host",
+    "port",
+    "secret",
+    "secret_file",
+    "realm",
+    "port_min",
+    "port_max",
+    "length",
+    "step_seconds",
+    "exclude",
 }
 
 
@@ -197,7 +205,9 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help="knock and open" if name == "knock" else "print the ports")
         s.add_argument("host", nargs="?")
         s.add_argument("--profile")
-        s.add_argument("--config", type=Path, default=None, help="client.toml to read profiles from")
+        s.add_argument(
+            "--config", type=Path, default=None, help="client.toml to read profiles from"
+        )
         s.add_argument("--secret-file", type=Path)
         s.add_argument("--port", type=int, default=None, help="the protected port (default 22)")
         s.add_argument("--realm", default=None)
@@ -211,14 +221,19 @@ def _parser() -> argparse.ArgumentParser:
             fam = s.add_mutually_exclusive_group()
             fam.add_argument("-4", dest="family", action="store_const", const=4)
             fam.add_argument("-6", dest="family", action="store_const", const=6)
-            s.add_argument("--raw", action="store_true", help="single SYNs from a raw socket (root)")
+            s.add_argument(
+                "--raw", action="store_true", help="single SYNs from a raw socket (root)"
+            )
             s.add_argument("--pace-ms", type=float, default=0.5, help="gap between knocks")
             s.add_argument("--timeout", type=float, default=3.0, help="door check timeout (s)")
             mode = s.add_mutually_exclusive_group()
-            mode.add_argument("--pipe", action="store_true", help="relay stdin/stdout (ProxyCommand)")
+            mode.add_argument(
+                "--pipe", action="store_true", help="relay stdin/stdout (ProxyCommand)"
+            )
             mode.add_argument("--exec", dest="exec_cmd", metavar="CMD", help="run CMD once open")
             s.add_argument(
-                "--check", action="store_true",
+                "--check",
+                action="store_true",
                 help="probe the protected port (spends one connection of the budget)",
             )
     return p
@@ -234,7 +249,9 @@ def _target(args: argparse.Namespace) -> Target:
             raise ClientError("--secret-file is required without --profile")
         t = Target(args.host, args.host, 22, read_secret_file(args.secret_file), SequenceParams())
     try:
-        lo, hi = parse_port_range(args.range) if args.range else (t.params.port_min, t.params.port_max)
+        lo, hi = (
+            parse_port_range(args.range) if args.range else (t.params.port_min, t.params.port_max)
+        )
         params = SequenceParams(
             port_min=lo,
             port_max=hi,
@@ -292,7 +309,11 @@ def cmd_knock(args: argparse.Namespace) -> int:
     while True:
         now = time.time()
         step = step_of(now, t.params.step_seconds)
-        counter = args.counter if args.counter is not None and attempts == 0 else load_counter(t.name, step)
+        counter = (
+            args.counter
+            if args.counter is not None and attempts == 0
+            else load_counter(t.name, step)
+        )
         ports = derive(t.secret, step, counter, t.params)
         try:
             send(fam, address, ports, pace)
@@ -303,15 +324,16 @@ def cmd_knock(args: argparse.Namespace) -> int:
         save_counter(t.name, step, counter)
         attempts += 1
         if not check:
-            msg = (f"sent {len(ports)} knocks to {address} (step {step}, counter {counter}); "
-                   "door not checked (--check spends one connection)")
+            msg = (
+                f"sent {len(ports)} knocks to {address} (step {step}, counter {counter}); "
+                "door not checked (--check spends one connection)"
+            )
             if args.exec_cmd:
                 print(f"nfknock-client: {msg}", file=sys.stderr)
                 return subprocess.call(args.exec_cmd, shell=True)  # noqa: S602 - the user's command line
             return _result(args, EXIT_OPENED, msg, step=step, counter=counter, address=address)
         state, conn = probe(fam, address, t.port, args.timeout)
-        if state is DoorState.OPEN:
-            assert conn is not None
+        if state is DoorState.OPEN and conn is not None:
             if args.pipe:
                 relay(conn)
                 return EXIT_OPENED
@@ -323,16 +345,23 @@ def cmd_knock(args: argparse.Namespace) -> int:
             return _result(args, EXIT_OPENED, msg, step=step, counter=counter, address=address)
         if state is DoorState.BEHIND:
             if attempts >= MAX_RESYNC:
-                return _result(args, EXIT_RESYNC, f"still behind after {attempts} knocks; giving up",
-                               step=step, counter=counter)
+                return _result(
+                    args,
+                    EXIT_RESYNC,
+                    f"still behind after {attempts} knocks; giving up",
+                    step=step,
+                    counter=counter,
+                )
             continue  # the saved counter now points past the stale one
         if retried_step:
             return _result(
-                args, EXIT_FAILED,
+                args,
+                EXIT_FAILED,
                 f"{address}:{t.port} did not open in two steps. Likely causes: wrong secret, "
                 "wrong realm or knock parameters, this clock is off by more than the server's "
                 "skew, or a firewall between drops the knock range",
-                step=step, counter=counter,
+                step=step,
+                counter=counter,
             )
         retried_step = True
         wait = (step + 1) * t.params.step_seconds - time.time() + 0.05

@@ -52,7 +52,7 @@ def send_connect_knocks(family: int, address: str, ports: Sequence[int], pace: f
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -89,7 +89,9 @@ def send_raw_knocks(family: int, address: str, ports: Sequence[int], pace: float
                 time.sleep(pace)
 
 
-def probe(family: int, address: str, port: int, timeout: float) -> tuple[DoorState, socket.socket | None]:
+def probe(
+    family: int, address: str, port: int, timeout: float
+) -> tuple[DoorState, socket.socket | None]:
     """Connect to the protected port.  OPEN returns the connected socket (the
     caller owns it); a reset means BEHIND; a timeout CLOSED."""
     s = socket.socket(family, socket.SOCK_STREAM)

@@ -40,7 +40,9 @@ class LabError(RuntimeError):
     pass
 
 
-def run(argv: list[str], timeout: float = 30, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: list[str], timeout: float = 30, check: bool = True, **kw: Any
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, **kw)
     if check and proc.returncode != 0:
         raise LabError(f"{' '.join(argv)} -> {proc.returncode}: {proc.stderr.strip()}")
@@ -88,7 +90,23 @@ class Lab:
         self.sh(name, "ip", "link", "set", "lo", "up")
 
     def _veth(self, a: str, a_if: str, b: str, b_if: str) -> None:
-        run(["ip", "link", "add", a_if, "netns", a, "type", "veth", "peer", "name", b_if, "netns", b])
+        run(
+            [
+                "ip",
+                "link",
+                "add",
+                a_if,
+                "netns",
+                a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                b_if,
+                "netns",
+                b,
+            ]
+        )
         self.sh(a, "ip", "link", "set", a_if, "up")
         self.sh(b, "ip", "link", "set", b_if, "up")
 
@@ -118,12 +136,16 @@ class Lab:
         self.sh(self.gw, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         self.daemon_ns = self.gw
 
-    def sh(self, ns: str, *argv: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def sh(
+        self, ns: str, *argv: str, timeout: float = 30, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return run(["ip", "netns", "exec", ns, *argv], timeout=timeout, check=check)
 
     def spawn(self, ns: str, *argv: str, log: Path | None = None) -> subprocess.Popen[bytes]:
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv], stdout=out, stderr=subprocess.STDOUT
+        )
         self.procs.append(proc)
         return proc
 
@@ -131,7 +153,9 @@ class Lab:
 
     def start_service(self, port: int = 22, ns: str | None = None) -> None:
         ns = ns or self.server
-        self.spawn(ns, PY, "-m", "nfknock.netlab.echo_server", "--port", str(port), "--lifetime", "1800")
+        self.spawn(
+            ns, PY, "-m", "nfknock.netlab.echo_server", "--port", str(port), "--lifetime", "1800"
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             out = self.sh(ns, "ss", "-Htln", f"sport = :{port}", check=False).stdout
@@ -172,7 +196,9 @@ class Lab:
         path.chmod(0o600)
         return path
 
-    def nfknock(self, *args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def nfknock(
+        self, *args: str, ns: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return self.sh(ns or self.daemon_ns, PY, "-m", "nfknock.cli", *args, check=check)
 
     def install_rules(self, config: Path) -> None:
@@ -180,8 +206,16 @@ class Lab:
 
     def start_daemon(self, config: Path, wait: float = 15) -> subprocess.Popen[bytes]:
         start = self.daemon_log.stat().st_size if self.daemon_log.exists() else 0
-        proc = self.spawn(self.daemon_ns, PY, "-m", "nfknock.cli", "run", "--config", str(config),
-                          log=self.daemon_log)
+        proc = self.spawn(
+            self.daemon_ns,
+            PY,
+            "-m",
+            "nfknock.cli",
+            "run",
+            "--config",
+            str(config),
+            log=self.daemon_log,
+        )
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -220,25 +254,60 @@ class Lab:
 
     # --- traffic from the client --------------------------------------------------
 
-    def probe(self, address: str, port: int = 22, timeout: float = 1.5, hold: float = 0.0,
-              source: str | None = None) -> dict[str, Any]:
-        out = self.sh(self.client, PY, "-m", "nfknock.netlab.probe", address, str(port),
-                      "--timeout", str(timeout), "--hold", str(hold),
-                      *(["--source", source] if source else []), timeout=timeout + hold + 30)
+    def probe(
+        self,
+        address: str,
+        port: int = 22,
+        timeout: float = 1.5,
+        hold: float = 0.0,
+        source: str | None = None,
+    ) -> dict[str, Any]:
+        out = self.sh(
+            self.client,
+            PY,
+            "-m",
+            "nfknock.netlab.probe",
+            address,
+            str(port),
+            "--timeout",
+            str(timeout),
+            "--hold",
+            str(hold),
+            *(["--source", source] if source else []),
+            timeout=timeout + hold + 30,
+        )
         result: dict[str, Any] = json.loads(out.stdout)
         return result
 
-    def send_knocks(self, address: str, ports: list[int] | tuple[int, ...], raw: bool = False,
-                    source: str | None = None) -> None:
-        self.sh(self.client, PY, "-m", "nfknock.netlab.sendknocks", address, *map(str, ports),
-                *(["--raw"] if raw else []), *(["--source", source] if source else []))
+    def send_knocks(
+        self,
+        address: str,
+        ports: list[int] | tuple[int, ...],
+        raw: bool = False,
+        source: str | None = None,
+    ) -> None:
+        self.sh(
+            self.client,
+            PY,
+            "-m",
+            "nfknock.netlab.sendknocks",
+            address,
+            *map(str, ports),
+            *(["--raw"] if raw else []),
+            *(["--source", source] if source else []),
+        )
 
     def add_client_address(self, cidr: str) -> None:
         extra = ["nodad"] if ":" in cidr else []
         self.sh(self.client, "ip", "addr", "add", cidr, "dev", "c0", *extra)
 
-    def client_cmd(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
-                   check: bool = False) -> subprocess.CompletedProcess[str]:
+    def client_cmd(
+        self,
+        *args: str,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+        check: bool = False,
+    ) -> subprocess.CompletedProcess[str]:
         argv = ["ip", "netns", "exec", self.client, PY, "-m", "nfknock_client.cli", *args]
         return run(argv, timeout=timeout, check=check, env={**os.environ, **(env or {})})
 

@@ -29,11 +29,21 @@ def tcp_syn(src: bytes, dst: bytes, dport: int, flags: int = dpkt.tcp.TH_SYN) ->
     return bytes(ip6.data)
 
 
-def v4(src: bytes, dst: bytes, payload: bytes, *, options: bytes = b"", frag: int = 0,
-       proto: int = 6, total: int | None = None) -> bytes:
+def v4(
+    src: bytes,
+    dst: bytes,
+    payload: bytes,
+    *,
+    options: bytes = b"",
+    frag: int = 0,
+    proto: int = 6,
+    total: int | None = None,
+) -> bytes:
     ihl = 5 + len(options) // 4
     length = total if total is not None else ihl * 4 + len(payload)
-    hdr = struct.pack("!BBHHHBBH4s4s", (4 << 4) | ihl, 0, length, 0x1234, frag, 64, proto, 0, src, dst)
+    hdr = struct.pack(
+        "!BBHHHBBH4s4s", (4 << 4) | ihl, 0, length, 0x1234, frag, 64, proto, 0, src, dst
+    )
     hdr += options
     csum = dpkt.in_cksum(hdr)
     hdr = hdr[:10] + struct.pack("!H", csum) + hdr[12:]
@@ -47,7 +57,11 @@ def v6(src: bytes, dst: bytes, chain: list[tuple[int, bytes]], payload: bytes) -
     for i, (_t, body) in enumerate(chain):
         ext += bytes([types[i + 1], (len(body) + 2) // 8 - 1]) + body
     first = types[0]
-    return struct.pack("!IHBB16s16s", 6 << 28, len(ext) + len(payload), first, 64, src, dst) + ext + payload
+    return (
+        struct.pack("!IHBB16s16s", 6 << 28, len(ext) + len(payload), first, 64, src, dst)
+        + ext
+        + payload
+    )
 
 
 def main() -> None:
@@ -60,7 +74,10 @@ def main() -> None:
     ap.add_argument("--protected", type=int, default=22)
     args = ap.parse_args()
     s4, d4 = socket.inet_aton(args.src4), socket.inet_aton(args.dst4)
-    s6, d6 = socket.inet_pton(socket.AF_INET6, args.src6), socket.inet_pton(socket.AF_INET6, args.dst6)
+    s6, d6 = (
+        socket.inet_pton(socket.AF_INET6, args.src6),
+        socket.inet_pton(socket.AF_INET6, args.dst6),
+    )
     kp, pp = args.knock_port, args.protected
     syn4, syn6 = tcp_syn(s4, d4, kp), tcp_syn(s6, d6, kp)
     nop_opts = b"\x01\x01\x01\x00"
@@ -86,7 +103,8 @@ def main() -> None:
         "ipv6-unknown-header": v6(s6, d6, [(253, pad6)], syn6),
         "ipv6-truncated-tcp": v6(s6, d6, [], syn6[:6]),
         "ipv6-chain-past-end": struct.pack("!IHBB16s16s", 6 << 28, 8, 60, 64, s6, d6)
-        + b"\x06\x05" + bytes(6),
+        + b"\x06\x05"
+        + bytes(6),
     }
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
         for name, pkt in packets4.items():

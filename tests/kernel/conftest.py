@@ -55,4 +55,7 @@ def client_env(tmp_path: Path) -> dict[str, str]:
     """Client state and config under the test's own directory."""
     (tmp_path / "xdg-config").mkdir()
     (tmp_path / "xdg-state").mkdir()
-    return {"XDG_CONFIG_HOME": str(tmp_path / "xdg-config"), "XDG_STATE_HOME": str(tmp_path / "xdg-state")}
+    return {
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"),
+        "XDG_STATE_HOME": str(tmp_path / "xdg-state"),
+    }

@@ -37,8 +37,9 @@ def setup(lab: Lab, users: dict[str, bytes] | None = None, **sections: dict[str,
     return cfg
 
 
-def current(secret: bytes = SECRET, counter: int = 0, params: SequenceParams = PARAMS,
-            offset: float = 0.0) -> tuple[int, ...]:
+def current(
+    secret: bytes = SECRET, counter: int = 0, params: SequenceParams = PARAMS, offset: float = 0.0
+) -> tuple[int, ...]:
     now = time.time() + offset
     if (now % params.step_seconds) > params.step_seconds - 1.0:
         time.sleep(1.2)  # not at a step boundary: keep knock and check in one step
@@ -97,9 +98,21 @@ def test_established_connection_survives_window_close_and_daemon_restart(lab: La
     cfg = setup(lab, door={"open_seconds": 1.0})
     lab.send_knocks(SERVER4, current())
     holder = subprocess.Popen(
-        ["ip", "netns", "exec", lab.client, PY, "-m", "nfknock.netlab.probe", SERVER4, "22",
-         "--hold", "4"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.client,
+            PY,
+            "-m",
+            "nfknock.netlab.probe",
+            SERVER4,
+            "22",
+            "--hold",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     time.sleep(1.5)  # the window has closed
     lab.stop_daemon()
@@ -180,8 +193,9 @@ def test_wrong_parameters_get_silent_drop(lab: Lab, ports: object) -> None:
 )
 def test_nmap_finds_no_open_port_and_never_opens_the_door(lab: Lab, scan: list[str]) -> None:
     setup(lab)
-    out = lab.sh(lab.client, "nmap", "-n", "-Pn", "-T5", "--max-retries", "0", *scan, SERVER4,
-                 timeout=300).stdout
+    out = lab.sh(
+        lab.client, "nmap", "-n", "-Pn", "-T5", "--max-retries", "0", *scan, SERVER4, timeout=300
+    ).stdout
     assert "Nmap done" in out
     assert not re.search(r"^\d+/tcp\s+open\s", out, re.M), out
     assert lab.probe(SERVER4)["result"] == "timeout"
@@ -204,8 +218,9 @@ def test_without_the_daemon_the_protected_port_stays_closed(lab: Lab) -> None:
 
 def test_malformed_packets_leave_the_daemon_alive_and_the_queue_empty(lab: Lab) -> None:
     setup(lab)
-    sent = lab.sh(lab.client, PY, "-m", "nfknock.netlab.craft", CLIENT4, SERVER4,
-                  "2001:db8::10", SERVER6).stdout.split("\n")
+    sent = lab.sh(
+        lab.client, PY, "-m", "nfknock.netlab.craft", CLIENT4, SERVER4, "2001:db8::10", SERVER6
+    ).stdout.split("\n")
     assert "ipv6-nine-dstopts" in sent
     time.sleep(0.5)
     assert lab.daemon is not None and lab.daemon.poll() is None
@@ -230,7 +245,9 @@ def test_forward_mode_gateway_protects_a_host_behind_it(gateway_lab: Lab) -> Non
     assert lab.probe(BEHIND4)["result"] == "timeout"
     lab.send_knocks(BEHIND4, current())
     assert lab.probe(BEHIND4, hold=0.5) == {
-        "result": "open", "greeting": "nfknock-ok", "echo": "still-here"
+        "result": "open",
+        "greeting": "nfknock-ok",
+        "echo": "still-here",
     }
     assert lab.probe(BEHIND4)["result"] == "timeout"
 
@@ -265,10 +282,20 @@ def _saved(lab: Lab, tool: str) -> str:
 
 
 def test_rules_install_and_remove_leave_foreign_rules_identical(lab: Lab) -> None:
-    subprocess.run(["ip", "netns", "exec", lab.server, "iptables-restore"], input=FOREIGN_V4,
-                   text=True, check=True, timeout=30)
-    subprocess.run(["ip", "netns", "exec", lab.server, "ip6tables-restore"], input=FOREIGN_V6,
-                   text=True, check=True, timeout=30)
+    subprocess.run(
+        ["ip", "netns", "exec", lab.server, "iptables-restore"],
+        input=FOREIGN_V4,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", lab.server, "ip6tables-restore"],
+        input=FOREIGN_V6,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     before4, before6 = _saved(lab, "iptables-save"), _saved(lab, "ip6tables-save")
     cfg = lab.write_config(
         {"alice": SECRET},

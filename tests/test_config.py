@@ -1,0 +1,179 @@
+"""Configuration: defaults, every error names file, key and problem; check exits 2."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from nfknock.cli import main
+from nfknock.config import ConfigError, load_config
+from nfknock.sequence import format_base32
+
+SECRET = format_base32(bytes(range(32)))
+
+
+def write(tmp: Path, config: str, users: str | None = None, mode: int = 0o600) -> Path:
+    users_text = users if users is not None else f'[users.alice]\nsecret = "{SECRET}"\n'
+    (tmp / "users.toml").write_text(users_text)
+    (tmp / "users.toml").chmod(mode)
+    path = tmp / "nfknock.toml"
+    path.write_text(config + '\n[users]\nfile = "users.toml"\n')
+    return path
+
+
+MINIMAL = "[[protect]]\nport = 22\n"
+
+
+def test_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.queue.number == 0 and cfg.queue.max_len == 8192
+    k = cfg.knock
+    assert (k.port_min, k.port_max, k.length, k.step_seconds, k.skew_steps) == (
+        1024,
+        33791,
+        32,
+        30,
+        1,
+    )
+    assert (k.sequence_timeout, k.reorder_window, k.stray_budget) == (10.0, 4, 32)
+    assert (cfg.door.open_seconds, cfg.door.max_connections) == (30.0, 1)
+    assert cfg.limits.max_sources == 65536
+    assert [u.name for u in cfg.users] == ["alice"]
+    assert cfg.users_file == tmp_path / "users.toml"
+
+
+def test_the_issue_example_config_is_valid(tmp_path: Path) -> None:
+    text = """
+[queue]
+number = 0
+max_len = 8192
+[knock]
+scheme = "v1"
+port_min = 1024
+port_max = 33791
+length = 32
+step_seconds = 30
+skew_steps = 1
+realm = ""
+sequence_timeout = 10.0
+reorder_window = 4
+stray_budget = 32
+exclude = []
+[door]
+open_seconds = 30
+max_connections = 1
+[[protect]]
+port = 22
+[[protect]]
+port = 22
+address = "198.51.100.20"
+[limits]
+max_sources = 65536
+[state]
+path = "/var/lib/nfknock/state.json"
+"""
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.protect[1].address == ipaddress.ip_address("198.51.100.20")
+
+
+def test_protected_ports_are_excluded_from_knocks(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "[knock]\nexclude = [8080]\n[[protect]]\nport = 2222\n"))
+    assert cfg.sequence_params().exclude == {8080, 2222}
+
+
+@pytest.mark.parametrize(
+    ("config", "key", "problem"),
+    [
+        ("[knock]\nlenght = 3\n" + MINIMAL, "knock.lenght", "unknown key"),
+        ("[bogus]\n" + MINIMAL, "bogus", "unknown key"),
+        ("[knock]\nlength = 0\n" + MINIMAL, "knock.length", "outside"),
+        ('[knock]\nlength = "32"\n' + MINIMAL, "knock.length", "must be int"),
+        ("[knock]\nport_min = 5000\nport_max = 4000\n" + MINIMAL, "knock.port_max", "below"),
+        ('[knock]\nscheme = "v9"\n' + MINIMAL, "knock.scheme", "not one of"),
+        ("[knock]\nexclude = [70000]\n" + MINIMAL, "knock.exclude", "not a port"),
+        ("[door]\nmax_connections = true\n" + MINIMAL, "door.max_connections", "must be int"),
+        ("", "protect", "at least one"),
+        ("[[protect]]\nport = 99999\n", "protect[0].port", "outside"),
+        ('[[protect]]\naddress = "198.51.100.1"\n', "protect[0].port", "is required"),
+        ('[[protect]]\nport = 22\naddress = "nope"\n', "protect[0].address", "not an IPv4"),
+        (MINIMAL + "[[protect]]\nport = 22\n", "protect[1]", "listed twice"),
+        (MINIMAL + '[[allow]]\nnetwork = "10.0.0.1/8"\n', "allow[0].network", "not a network"),
+        ('[log]\nlevel = "loud"\n' + MINIMAL, "log.level", "not one of"),
+        ("[knock]\nport_min = 1000\nport_max = 1010\n" + MINIMAL, "knock", "fewer than"),
+    ],
+)
+def test_config_errors_name_file_key_and_problem(
+    tmp_path: Path, config: str, key: str, problem: str
+) -> None:
+    path = write(tmp_path, config)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.file == str(path)
+    assert info.value.key == key
+    assert problem in info.value.problem
+
+
+def test_invalid_toml_is_reported_with_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[knock\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(path)
+
+
+def test_missing_config_file_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o622])
+def test_users_file_readable_or_writable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    with pytest.raises(ConfigError, match="must not be readable"):
+        load_config(write(tmp_path, MINIMAL, mode=mode))
+
+
+@pytest.mark.parametrize(
+    ("users", "key", "problem"),
+    [
+        ('[users.alice]\nsecret = "AAAA"\n', "users.alice.secret", "at least 16 bytes"),
+        ("[users.alice]\nports = [22]\n", "users.alice.secret", "is required"),
+        (
+            f'[users.alice]\nsecret = "{SECRET}"\nports = [23]\n',
+            "users.alice.ports",
+            "not protected",
+        ),
+        (f'[users.alice]\nsecret = "{SECRET}"\nshell = 1\n', "users.alice.shell", "unknown key"),
+        (f'[users."bad name"]\nsecret = "{SECRET}"\n', "users.bad name", "user names"),
+        (
+            f'[users.alice]\nsecret = "{SECRET}"\nenabled = "yes"\n',
+            "users.alice.enabled",
+            "must be bool",
+        ),
+    ],
+)
+def test_users_file_errors_name_the_key(tmp_path: Path, users: str, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, MINIMAL, users))
+    assert info.value.key == key
+    assert problem in info.value.problem
+    assert info.value.file.endswith("users.toml")
+
+
+def test_secrets_never_appear_in_reprs(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert SECRET not in repr(cfg) and "secret=" not in repr(cfg.users[0])
+
+
+def test_check_exits_0_on_a_valid_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", "--config", str(write(tmp_path, MINIMAL))]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_check_exits_2_and_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "[door]\nopen_seconds = -1\n" + MINIMAL)
+    assert main(["check", "--config", str(path)]) == 2
+    assert f"{path}: door.open_seconds: -1.0 is outside" in capsys.readouterr().err
