@@ -243,11 +243,12 @@ def _target(args: argparse.Namespace) -> Target:
     if args.profile:
         t = load_profile(args.profile, args.config)
     else:
-        if not args.host:
+        if not args.host and args.command == "knock":
             raise ClientError("give HOST and --secret-file, or --profile NAME")
         if not args.secret_file:
             raise ClientError("--secret-file is required without --profile")
-        t = Target(args.host, args.host, 22, read_secret_file(args.secret_file), SequenceParams())
+        host = args.host or ""
+        t = Target(host, host, 22, read_secret_file(args.secret_file), SequenceParams())
     try:
         lo, hi = (
             parse_port_range(args.range) if args.range else (t.params.port_min, t.params.port_max)

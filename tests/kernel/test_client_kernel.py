@@ -1,0 +1,290 @@
+"""nfknock-client against the real daemon in network namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from nfknock.netlab import PY, SERVER4, SERVER6, Lab
+from nfknock.sequence import format_base32
+
+from .conftest import OTHER_SECRET, SECRET
+
+pytestmark = pytest.mark.kernel
+
+
+def setup(lab: Lab, users: dict[str, bytes] | None = None, **sections: object) -> Path:
+    lab.start_service()
+    cfg = lab.write_config(users or {"alice": SECRET}, **sections)
+    lab.install_rules(cfg)
+    lab.start_daemon(cfg)
+    return cfg
+
+
+def away_from_boundary(step: int = 30, margin: float = 2.0) -> None:
+    if time.time() % step > step - margin:
+        time.sleep(margin + 0.2)
+
+
+def knock(lab: Lab, env: dict[str, str], *args: str) -> tuple[int, dict[str, object]]:
+    proc = lab.client_cmd("knock", *args, "--json", env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return proc.returncode, (json.loads(lines[-1]) if lines else {"stderr": proc.stderr})
+
+
+@pytest.mark.parametrize("address", [SERVER4, SERVER6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("raw", [False, True], ids=["connect", "raw"])
+def test_knock_then_connect(
+    lab: Lab, secret_file: Path, client_env: dict[str, str], address: str, raw: bool
+) -> None:
+    setup(lab, door={"max_connections": 2})
+    away_from_boundary()
+    code, out = knock(
+        lab,
+        client_env,
+        address,
+        "--secret-file",
+        str(secret_file),
+        "--check",
+        *(["--raw"] if raw else []),
+    )
+    assert code == 0, out
+    assert out["ok"] is True and out["counter"] == 0
+    assert lab.probe(address)["result"] == "open"  # the second of two connections
+
+
+def test_plain_knock_does_not_spend_the_connection(
+    lab: Lab, secret_file: Path, client_env: dict[str, str]
+) -> None:
+    setup(lab)
+    away_from_boundary()
+    code, out = knock(lab, client_env, SERVER4, "--secret-file", str(secret_file))
+    assert code == 0 and "door not checked" in str(out["message"])
+    assert lab.probe(SERVER4)["result"] == "open"
+
+
+def test_second_client_of_the_same_user_resyncs_by_itself(
+    lab: Lab, secret_file: Path, client_env: dict[str, str], tmp_path: Path
+) -> None:
+    setup(lab)
+    away_from_boundary(margin=4)
+    other_env = {"XDG_STATE_HOME": str(tmp_path / "laptop2"), "XDG_CONFIG_HOME": str(tmp_path)}
+    code1, out1 = knock(lab, client_env, SERVER4, "--secret-file", str(secret_file), "--check")
+    code2, out2 = knock(lab, other_env, SERVER4, "--secret-file", str(secret_file), "--check")
+    assert (code1, out1["counter"]) == (0, 0)
+    assert (code2, out2["counter"]) == (0, 1), out2
+    assert any(e["event"] == "protected_reject" for e in lab.log_events())
+
+
+def test_second_knock_in_the_same_step_starts_at_the_next_counter(
+    lab: Lab, secret_file: Path, client_env: dict[str, str]
+) -> None:
+    setup(lab)
+    away_from_boundary(margin=4)
+    knock(lab, client_env, SERVER4, "--secret-file", str(secret_file), "--check")
+    code, out = knock(lab, client_env, SERVER4, "--secret-file", str(secret_file), "--check")
+    assert (code, out["counter"]) == (0, 1)
+    assert not any(e["event"] == "protected_reject" for e in lab.log_events())
+
+
+def test_knocks_with_loss_free_duplicates_and_reordering_still_open(
+    lab: Lab, secret_file: Path, client_env: dict[str, str]
+) -> None:
+    setup(lab)
+    away_from_boundary()
+    seq = lab.client_cmd("sequence", "--secret-file", str(secret_file), "--json", env=client_env)
+    ports = json.loads(seq.stdout)["ports"]
+    rng = random.Random(1)
+    order = sorted(range(len(ports)), key=lambda i: i + rng.uniform(0, 4))
+    sent = [ports[i] for i in order for _ in range(1 + (rng.random() < 0.4))]
+    assert sent != ports
+    lab.send_knocks(SERVER4, sent)
+    assert lab.probe(SERVER4)["result"] == "open"
+
+
+def test_knockd_knock_client_sending_our_sequence_opens(
+    lab: Lab, secret_file: Path, client_env: dict[str, str]
+) -> None:
+    if shutil.which("knock") is None:
+        pytest.fail("knockd's knock client is not installed (apt-get install knockd)")
+    setup(lab)
+    away_from_boundary()
+    seq = lab.client_cmd("sequence", "--secret-file", str(secret_file), env=client_env)
+    ports = seq.stdout.split()
+    assert len(ports) == 32
+    lab.sh(lab.client, "knock", "-d", "1", SERVER4, *ports)
+    assert lab.probe(SERVER4)["result"] == "open"
+
+
+def test_profile_printed_by_user_add_works_when_pasted(
+    lab: Lab, client_env: dict[str, str]
+) -> None:
+    cfg = setup(lab)
+    out = lab.nfknock(
+        "user", "add", "dave", "--config", str(cfg), "--host", SERVER4, "--profile", "lab"
+    ).stdout
+    profile = out[out.index("# nfknock-client profile") : out.index("# or on the command line")]
+    client_toml = Path(client_env["XDG_CONFIG_HOME"]) / "nfknock" / "client.toml"
+    client_toml.parent.mkdir(parents=True)
+    client_toml.write_text(profile)
+    client_toml.chmod(0o600)
+    away_from_boundary()
+    code, result = knock(lab, client_env, "--profile", "lab", "--check")
+    assert code == 0, result
+
+
+SSHD_CONFIG = """Port 2222
+ListenAddress 0.0.0.0
+HostKey {dir}/host_ed25519
+AuthorizedKeysFile {dir}/authorized_keys
+PidFile {dir}/sshd.pid
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+"""
+
+
+def test_ssh_through_pipe_as_proxycommand_runs_a_remote_command(
+    lab: Lab, secret_file: Path, client_env: dict[str, str], tmp_path: Path
+) -> None:
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not Path(sshd).exists():
+        pytest.fail("OpenSSH server is not installed (apt-get install openssh-server)")
+    d = tmp_path / "ssh"
+    d.mkdir()
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_ed25519")],
+        check=True,
+        timeout=30,
+    )
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client")],
+        check=True,
+        timeout=30,
+    )
+    (d / "authorized_keys").write_text((d / "client.pub").read_text())
+    (d / "sshd_config").write_text(SSHD_CONFIG.format(dir=d))
+    Path("/run/sshd").mkdir(exist_ok=True)
+    setup(lab, protect=[{"port": 22}, {"port": 2222}])
+    lab.spawn(lab.server, sshd, "-D", "-e", "-f", str(d / "sshd_config"), log=tmp_path / "sshd.log")
+    time.sleep(0.5)
+    away_from_boundary(margin=5)
+    client_toml = Path(client_env["XDG_CONFIG_HOME"]) / "nfknock" / "client.toml"
+    client_toml.parent.mkdir(parents=True)
+    client_toml.write_text(
+        f'[profiles.lab]\nhost = "{SERVER4}"\nport = 2222\nsecret_file = "{secret_file}"\n'
+        "exclude = [22, 2222]\n"
+    )
+    client_toml.chmod(0o600)
+    proxy = f"{PY} -m nfknock_client.cli knock --pipe --profile lab"
+    proc = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.client,
+            "ssh",
+            "-F",
+            "none",
+            "-i",
+            str(d / "client"),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ProxyCommand={proxy}",
+            "root@lab",
+            "echo",
+            "hello-from-$(hostname)-$((6*7))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **client_env},
+    )
+    assert proc.returncode == 0, proc.stderr + (tmp_path / "sshd.log").read_text()
+    assert re.match(r"hello-from-.*-42", proc.stdout.strip())
+
+
+# --- errors and exit codes ---------------------------------------------------------
+
+
+def test_wrong_secret_fails_after_two_steps_with_exit_1(
+    lab: Lab, client_env: dict[str, str], tmp_path: Path
+) -> None:
+    setup(lab, knock={"step_seconds": 2})
+    wrong = tmp_path / "wrong"
+    wrong.write_text(format_base32(OTHER_SECRET))
+    wrong.chmod(0o600)
+    code, out = knock(
+        lab,
+        client_env,
+        SERVER4,
+        "--secret-file",
+        str(wrong),
+        "--check",
+        "--step",
+        "2",
+        "--timeout",
+        "0.5",
+    )
+    assert code == 1
+    assert "wrong secret" in str(out["message"]) and "clock" in str(out["message"])
+
+
+def test_resync_exhausted_exits_3(
+    lab: Lab, secret_file: Path, client_env: dict[str, str], tmp_path: Path
+) -> None:
+    setup(lab, knock={"step_seconds": 600}, limits={"stale_counters": 16})
+    busy = {"XDG_STATE_HOME": str(tmp_path / "busy"), "XDG_CONFIG_HOME": str(tmp_path)}
+    for _ in range(9):  # another client of alice opens nine times in this step
+        code, _out = knock(
+            lab, busy, SERVER4, "--secret-file", str(secret_file), "--check", "--step", "600"
+        )
+        assert code == 0
+    code, out = knock(
+        lab, client_env, SERVER4, "--secret-file", str(secret_file), "--check", "--step", "600"
+    )
+    assert code == 3, out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--profile", "nope"], "client.toml not found"),
+        (["198.51.100.1", "--secret-file", "/nonexistent"], "not found"),
+        (["host.invalid", "--secret-file", "SECRET"], "cannot resolve"),
+        (["198.51.100.1", "--secret-file", "SECRET", "--port", "70000"], "outside 1-65535"),
+        (["198.51.100.1", "--secret-file", "SECRET", "--range", "9-1"], "port range"),
+        (["198.51.100.1"], "--secret-file is required"),
+    ],
+)
+def test_input_errors_exit_2_with_a_clear_message(
+    lab: Lab, secret_file: Path, client_env: dict[str, str], args: list[str], message: str
+) -> None:
+    args = [str(secret_file) if a == "SECRET" else a for a in args]
+    proc = lab.client_cmd("knock", *args, env=client_env)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_secret_file_readable_by_others_is_refused(
+    lab: Lab, secret_file: Path, client_env: dict[str, str]
+) -> None:
+    secret_file.chmod(0o644)
+    proc = lab.client_cmd("knock", SERVER4, "--secret-file", str(secret_file), env=client_env)
+    assert proc.returncode == 2 and "chmod 600" in proc.stderr
