@@ -106,6 +106,8 @@ def register(sub: Any) -> None:
     p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
     p.add_argument("--json", action="store_true")
 
+    add("demo", cmd_demo, "a self-contained demonstration in network namespaces (root)")
+
     p = add("reload", cmd_reload, "make the running daemon re-read its configuration")
     p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
 
@@ -303,6 +305,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"left {g['remaining']} until {g['expires']}"
         )
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nfknock.demo import run_demo
+
+    return run_demo()
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
