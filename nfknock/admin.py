@@ -98,6 +98,9 @@ def register(sub: Any) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--install", action="store_true", help="apply (iptables, IPv4 and IPv6)")
     g.add_argument("--remove", action="store_true", help="remove nfknock's chains only")
+    g.add_argument(
+        "--verify", action="store_true", help="exit 1 unless the installed rules match the config"
+    )
 
     p = add("run", cmd_run, "run the verdict daemon on the NFQUEUE")
     p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
@@ -244,6 +247,13 @@ def cmd_rules(args: argparse.Namespace) -> int:
         elif args.remove:
             for line in rules.remove():
                 print(line)
+        elif args.verify:
+            problems = rules.verify(cfg)
+            for line in problems:
+                print(f"nfknock rules: {line}", file=sys.stderr)
+            if problems:
+                return 1
+            print("nfknock rules: installed and complete (IPv4 and IPv6)")
         elif args.format == "nftables":
             sys.stdout.write(rules.render_nftables(cfg))
         else:

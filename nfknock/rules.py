@@ -242,6 +242,30 @@ def install(cfg: Config) -> list[str]:
     return done
 
 
+def verify(cfg: Config) -> list[str]:
+    """Problems with the installed rules (empty: every chain, rule and jump is in
+    place).  Rules are compared by count: iptables normalises their text."""
+    problems = []
+    for family, ipt_name, _restore in FAMILIES:
+        ipt = _tool(ipt_name)
+        text = render_iptables(cfg, family)
+        for hook, chain in CHAIN.items():
+            want = sum(1 for ln in text.splitlines() if ln.startswith(f"-A {chain} "))
+            if not want:
+                continue
+            if not _chain_exists(ipt, chain):
+                problems.append(f"{ipt_name}: chain {chain} is missing")
+                continue
+            jumps = _jumps(ipt, hook)
+            if jumps != 1:
+                problems.append(f"{ipt_name}: {hook} jumps to {chain} {jumps} times (want 1)")
+            listed = _run([ipt, "-w", "-t", "filter", "-S", chain]).splitlines()
+            have = sum(1 for ln in listed if ln.startswith(f"-A {chain} "))
+            if have != want:
+                problems.append(f"{ipt_name}: {chain} has {have} rules, the config renders {want}")
+    return problems
+
+
 def remove() -> list[str]:
     """Remove nfknock's jumps and chains; nothing else."""
     done = []
