@@ -212,7 +212,7 @@ class Daemon:
                 with contextlib.suppress(OSError):
                     cfg.control_socket.unlink()
             signal.set_wakeup_fd(-1)
-            log.info("stopped", verdicts=dict(self.service.engine.stats))
+            log.info("stopped", verdicts=self.service.verdict_counts())
         return 0
 
 

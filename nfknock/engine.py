@@ -52,6 +52,7 @@ counters all have limits from the configuration.
 from __future__ import annotations
 
 import ipaddress
+import math
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -62,9 +63,9 @@ from nfknock.config import Config, User
 from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict, addr_text
 from nfknock.sequence import SequenceParams, derive, step_of
 
-# Start-index entries pack (candidate id, position) into one int: fewer objects.
-_POS_BITS = 8
-_POS_MASK = (1 << _POS_BITS) - 1
+# Unmatched knocks remembered per source for starting a candidate (see _start_pair).
+_RECENT = 4
+_RECENT_MASK = (1 << (16 * _RECENT)) - 1
 
 DROP_PROTECTED = Decision(Verdict.DROP)
 
@@ -142,9 +143,10 @@ class Grant:
     expires: float  # monotonic
 
 
-def _split(key: bytes) -> tuple[str, str]:
+def _split(key: bytes) -> tuple[bytes, bytes]:
+    """A table key (source + destination, packed) back into its two addresses."""
     half = len(key) // 2
-    return addr_text(key[:half]), addr_text(key[half:])
+    return key[:half], key[half:]
 
 
 class Engine:
@@ -156,7 +158,16 @@ class Engine:
         self._counters: dict[tuple[str, int], int] = {}
         self._candidates: dict[int, Candidate] = {}
         self._by_key: dict[tuple[str, int, int], int] = {}
-        self._starts: dict[int, list[int]] = {}
+        # port -> {candidate id: position} for the first W + 2 positions: the only
+        # knocks that can begin a candidate.
+        self._near: dict[int, dict[int, int]] = {}
+        size = 1 << max(10, min(18, (settings.max_sources - 1).bit_length()))
+        # Flat arrays, not lists of objects: a flood of new sources costs three
+        # stores of machine words and no allocation (see _start_pair).
+        self._recent_mask = size - 1
+        self._recent_hash = array("q", bytes(8 * size))
+        self._recent_ports = array("Q", bytes(8 * size))  # up to 4 ports, 16 bits each
+        self._recent_time = array("d", [-math.inf]) * size
         self._next_cid = 1
         self._sources: OrderedDict[bytes, Source] = OrderedDict()
         self._grants: OrderedDict[bytes, dict[str, Grant]] = OrderedDict()
@@ -164,9 +175,10 @@ class Engine:
         # Sequences derived ahead of a step change: (user, step, counter) -> ports.
         self._ahead: dict[tuple[str, int, int], array[int]] = {}
         self._set_step(wall)
+        self._protect = settings.protect
+        self._timeout = settings.sequence_timeout
         self._lo = settings.params.port_min
         self._hi = settings.params.port_max
-        self.stats: dict[str, int] = {"accept": 0, "drop": 0, "reject": 0, "knocks": 0}
         self._set_users_quiet(users)
         self._rebuild()
 
@@ -243,7 +255,7 @@ class Engine:
             del self._candidates[self._by_key.pop(key)]
         for key in sorted(wanted - self._by_key.keys()):
             self._add_candidate(*key, index=False)
-        self._starts = {}
+        self._near = {}
         for cand in self._candidates.values():
             self._index(cand)
         # Counters older than the window can never matter again.
@@ -266,16 +278,16 @@ class Engine:
         if cid is None:
             return
         cand = self._candidates.pop(cid)
-        for pos, port in enumerate(cand.ports[: self.s.reorder_window + 1]):
-            entries = self._starts.get(port)
-            if entries is not None:
-                entries.remove((cid << _POS_BITS) | pos)
-                if not entries:
-                    del self._starts[port]
+        for port in cand.ports[: self.s.reorder_window + 2]:
+            near = self._near.get(port)
+            if near is not None:
+                near.pop(cid, None)
+                if not near:
+                    del self._near[port]
 
     def _index(self, cand: Candidate) -> None:
-        for pos, port in enumerate(cand.ports[: self.s.reorder_window + 1]):
-            self._starts.setdefault(port, []).append((cand.cid << _POS_BITS) | pos)
+        for pos, port in enumerate(cand.ports[: self.s.reorder_window + 2]):
+            self._near.setdefault(port, {})[cand.cid] = pos
 
     def _roll(self, wall: float) -> None:
         self._set_step(wall)
@@ -336,17 +348,26 @@ class Engine:
         """
         if not self._step_start <= wall < self._step_end:
             self._roll(wall)
-        if port in self.s.protect:
+        if port in self._protect:
             return self._protected(src, dst, port, mono)
         if self._lo <= port <= self._hi:
-            self.stats["knocks"] += 1
             key = src + dst
             source = self._sources.get(key)
-            starts = self._starts.get(port)
-            if source is None and starts is None:
-                return DROP_SILENT
-            return self._knock(key, source, starts, port, mono)
-        self.stats["drop"] += 1
+            if source is None:
+                # The fast paths.  A knock from an untracked source that begins no
+                # candidate changes nothing; one that does is remembered in its
+                # source's slot (see _start_pair), unless the slot already holds an
+                # earlier knock of that source to pair it with.
+                if port not in self._near:
+                    return DROP_SILENT
+                h = hash(key)
+                slot = h & self._recent_mask
+                if self._recent_hash[slot] != h or (mono - self._recent_time[slot] > self._timeout):
+                    self._recent_hash[slot] = h
+                    self._recent_ports[slot] = port
+                    self._recent_time[slot] = mono
+                    return DROP_SILENT
+            return self._knock(key, source, port, mono)
         return DROP_SILENT
 
     def _protected(self, src: bytes, dst: bytes, port: int, mono: float) -> Decision:
@@ -358,110 +379,140 @@ class Engine:
                 for grant in grants.values():
                     if port in grant.ports and grant.remaining > 0 and grant.expires > mono:
                         grant.remaining -= 1
-                        self.stats["accept"] += 1
                         left = grant.remaining
                         if left == 0:
                             del grants[grant.user]
                             if not grants:
                                 del self._grants[key]
-                        ev = Event(
-                            EventKind.PROTECTED_ACCEPT,
-                            addr_text(src),
-                            addr_text(dst),
-                            grant.user,
-                            port,
-                            f"grant used, {left} connection(s) left",
-                        )
+                        reason = f"grant used, {left} connection(s) left"
+                        ev = Event(EventKind.PROTECTED_ACCEPT, src, dst, grant.user, port, reason)
                         return Decision(Verdict.ACCEPT, (ev,))
             until = self._behind.get(key)
             if until is not None and until > mono:
-                self.stats["reject"] += 1
-                ev = Event(
-                    EventKind.PROTECTED_REJECT,
-                    addr_text(src),
-                    addr_text(dst),
-                    None,
-                    port,
-                    "stale sequence: client is behind",
-                )
+                reason = "stale sequence: client is behind"
+                ev = Event(EventKind.PROTECTED_REJECT, src, dst, None, port, reason)
                 return Decision(Verdict.REJECT, (ev,))
             reason = "no grant"
         else:
             reason = "not protected at this destination"
-        self.stats["drop"] += 1
-        ev = Event(EventKind.PROTECTED_DROP, addr_text(src), addr_text(dst), None, port, reason)
-        return Decision(Verdict.DROP, (ev,))
+        return Decision(
+            Verdict.DROP, (Event(EventKind.PROTECTED_DROP, src, dst, None, port, reason),)
+        )
 
-    def _knock(
-        self,
-        key: bytes,
-        source: Source | None,
-        starts: list[int] | None,
-        port: int,
-        mono: float,
-    ) -> Decision:
+    def _knock(self, key: bytes, source: Source | None, port: int, mono: float) -> Decision:
         events: list[Event] = []
         matched = False
-        touched: set[int] = set()
-        window = self.s.reorder_window
         if source is not None:
             self._sources.move_to_end(key)
-            for cid, prog in list(source.progress.items()):
-                cand = self._candidates.get(cid)
-                if cand is None or mono - prog.started > self.s.sequence_timeout:
-                    del source.progress[cid]  # step rolled past it, user gone, or too slow
-                    continue
-                ports = cand.ports
-                if port not in ports:
-                    continue
-                pos = ports.index(port)
-                if pos < prog.next or (prog.mask >> pos) & 1:
-                    matched = True  # duplicate: a retransmitted SYN
-                    continue
-                if pos > prog.next + window:
-                    continue
-                matched = True
-                touched.add(cid)
-                prog.mask |= 1 << pos
-                while (prog.mask >> prog.next) & 1:
-                    prog.next += 1
-                if prog.next == len(ports):
-                    del source.progress[cid]
-                    events.extend(self._complete(key, source, cand, mono))
-                else:
-                    events.append(self._progress_event(key, cand, port, prog.next))
-        if starts is not None:
-            for entry in list(starts):
-                cid = entry >> _POS_BITS
-                if cid in touched or (source is not None and cid in source.progress):
-                    continue
-                cand = self._candidates.get(cid)
-                if cand is None:
-                    continue
-                if source is None:
-                    source = self._new_source(key, mono, events)
-                self._start(source, cand, entry & _POS_MASK, mono, key, events)
-                matched = True
-        if source is None:
-            return DROP_SILENT
-        source.last = mono
-        if not matched:
-            source.strays += 1
-            if source.strays > self.s.stray_budget:
-                if source.progress:
-                    src, dst = _split(key)
-                    events.append(
-                        Event(EventKind.PROGRESS_RESET, src, dst, None, port, "stray budget spent")
-                    )
-                source.progress.clear()
-                source.strays = 0
-        self.stats["drop"] += 1
+            matched = self._continue(key, source, port, mono, events)
+        if not matched and port in self._near:
+            matched = self._start_pair(key, source, port, mono, events)
+            source = self._sources.get(key)
+        if source is not None:
+            source.last = mono
+            if not matched:
+                source.strays += 1
+                if source.strays > self.s.stray_budget:
+                    if source.progress:
+                        events.append(
+                            Event(
+                                EventKind.PROGRESS_RESET,
+                                key[: len(key) // 2],
+                                key[len(key) // 2 :],
+                                None,
+                                port,
+                                "stray budget spent",
+                            )
+                        )
+                    source.progress.clear()
+                    source.strays = 0
         return Decision(Verdict.DROP, tuple(events)) if events else DROP_SILENT
 
+    def _continue(
+        self, key: bytes, source: Source, port: int, mono: float, events: list[Event]
+    ) -> bool:
+        """Advance the source's started candidates; True when the knock fit one."""
+        matched = False
+        window = self.s.reorder_window
+        for cid, prog in list(source.progress.items()):
+            cand = self._candidates.get(cid)
+            if cand is None or mono - prog.started > self.s.sequence_timeout:
+                del source.progress[cid]  # step rolled past it, user gone, or too slow
+                continue
+            ports = cand.ports
+            if port not in ports:
+                continue
+            pos = ports.index(port)
+            if pos < prog.next or (prog.mask >> pos) & 1:
+                matched = True  # duplicate: a retransmitted SYN
+                continue
+            if pos > prog.next + window:
+                continue
+            matched = True
+            prog.mask |= 1 << pos
+            while (prog.mask >> prog.next) & 1:
+                prog.next += 1
+            if prog.next == len(ports):
+                del source.progress[cid]
+                events.extend(self._complete(key, source, cand, mono))
+            else:
+                events.append(self._progress_event(key, cand, port, prog.next))
+        return matched
+
+    def _start_pair(
+        self, key: bytes, source: Source | None, port: int, mono: float, events: list[Event]
+    ) -> bool:
+        """Start candidates that this knock and an earlier unmatched one both begin.
+
+        One knock alone never creates per-source state: with many users almost every
+        port begins some candidate.  The last few unmatched knocks of each source
+        live in a fixed-size, direct-mapped table instead (``_recent*``, keyed by
+        the source's randomised hash: an attacker cannot aim at a client's slot),
+        and a candidate starts when two of its first ``W + 2`` ports arrived in an
+        order the reorder window allows.  A flood can overwrite a client's slot
+        between its first two knocks; the chance is (flood rate x gap) / slots.
+        """
+        h = hash(key)
+        slot = h & self._recent_mask
+        here = self._near[port]
+        started = False
+        if self._recent_hash[slot] == h and mono - self._recent_time[slot] <= self._timeout:
+            packed = self._recent_ports[slot]
+            window = self.s.reorder_window
+            while packed:
+                earlier, packed = packed & 0xFFFF, packed >> 16
+                there = self._near.get(earlier)
+                if there is None or earlier == port:
+                    continue
+                for cid in there.keys() & here.keys():
+                    first, second = there[cid], here[cid]
+                    # the first-arrived knock is within the window of position 0; the
+                    # second within the window of what the first advanced to.
+                    if first > window or second > (1 if first == 0 else 0) + window:
+                        continue
+                    if source is None:
+                        source = self._new_source(key, mono, events)
+                    if cid in source.progress:
+                        continue
+                    self._start(source, self._candidates[cid], first, second, mono, key, events)
+                    started = True
+            # Keep the newest _RECENT knocks (ports are never 0, so 0 means empty).
+            self._recent_ports[slot] = ((self._recent_ports[slot] << 16) | port) & _RECENT_MASK
+        else:
+            self._recent_hash[slot] = h
+            self._recent_ports[slot] = port
+            self._recent_time[slot] = mono
+        return started
+
     def _progress_event(self, key: bytes, cand: Candidate, port: int, nxt: int) -> Event:
-        src, dst = _split(key)
+        half = len(key) // 2
         return Event(
-            EventKind.KNOCK_PROGRESS, src, dst, cand.user, port, f"{nxt}/{len(cand.ports)}"
+            EventKind.KNOCK_PROGRESS,
+            key[:half],
+            key[half:],
+            cand.user,
+            port,
+            f"{nxt}/{len(cand.ports)}",
         )
 
     def _new_source(self, key: bytes, mono: float, events: list[Event]) -> Source:
@@ -469,9 +520,16 @@ class Engine:
         self._sources[key] = source
         if len(self._sources) > self.s.max_sources:
             old_key, _ = self._sources.popitem(last=False)
-            src, dst = _split(old_key)
+            half = len(old_key) // 2
             events.append(
-                Event(EventKind.SOURCE_EVICTED, src, dst, None, None, "source table full")
+                Event(
+                    EventKind.SOURCE_EVICTED,
+                    old_key[:half],
+                    old_key[half:],
+                    None,
+                    None,
+                    "source table full",
+                )
             )
         return source
 
@@ -479,7 +537,8 @@ class Engine:
         self,
         source: Source,
         cand: Candidate,
-        pos: int,
+        first: int,
+        second: int,
         mono: float,
         key: bytes,
         events: list[Event],
@@ -490,11 +549,11 @@ class Engine:
             # sequence advances, random starts do not.
             victim = min(progress, key=lambda c: (progress[c].next, progress[c].started))
             del progress[victim]
-        prog = Progress(started=mono, mask=1 << pos)
+        prog = Progress(started=mono, mask=(1 << first) | (1 << second))
         while (prog.mask >> prog.next) & 1:
             prog.next += 1
         progress[cand.cid] = prog
-        if prog.next == len(cand.ports):  # a one-port sequence
+        if prog.next == len(cand.ports):  # a two-port sequence
             del progress[cand.cid]
             events.extend(self._complete(key, source, cand, mono))
 
@@ -592,8 +651,8 @@ class Engine:
                 if g.expires > mono:
                     out.append(
                         {
-                            "source": src,
-                            "destination": dst,
+                            "source": addr_text(src),
+                            "destination": addr_text(dst),
                             "user": g.user,
                             "ports": sorted(g.ports),
                             "remaining": g.remaining,

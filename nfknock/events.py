@@ -33,18 +33,28 @@ class EventKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One thing worth logging.  ``source``/``destination`` are printable addresses."""
+    """One thing worth logging.  Addresses stay packed (``src``, ``dst``: 4 or 16
+    bytes, empty when unknown) until someone reads ``source``/``destination``: the
+    packet path never pays for formatting an address nobody logs."""
 
     kind: EventKind
-    source: str
-    destination: str = ""
+    src: bytes
+    dst: bytes = b""
     user: str | None = None
     port: int | None = None
     reason: str = ""
 
+    @property
+    def source(self) -> str:
+        return addr_text(self.src)
+
+    @property
+    def destination(self) -> str:
+        return addr_text(self.dst) if self.dst else ""
+
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"event": self.kind.value, "src": self.source}
-        if self.destination:
+        if self.dst:
             out["dst"] = self.destination
         if self.user is not None:
             out["user"] = self.user
@@ -61,7 +71,9 @@ class Decision(NamedTuple):
 
 
 def addr_text(packed: bytes) -> str:
-    """A packed IPv4 (4 bytes) or IPv6 (16 bytes) address as text."""
+    """A packed IPv4 (4 bytes) or IPv6 (16 bytes) address as text ("?" otherwise)."""
+    if len(packed) not in (4, 16):
+        return "?"
     return str(ipaddress.ip_address(packed))
 
 

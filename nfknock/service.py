@@ -43,6 +43,7 @@ class Service:
         self.wall = wall
         self.mono = mono
         self.engine = Engine(EngineSettings.from_config(cfg), cfg.users, wall())
+        self.verdicts = [0, 0, 0]  # indexed by Verdict
         self.malformed = 0
         self.errors = 0
         self.started = wall()
@@ -75,13 +76,18 @@ class Service:
             decision = self.engine.decide(src, dst, port, self.wall(), self.mono())
             if decision.events:
                 self._handle_events(decision.events)
+            self.verdicts[decision.verdict] += 1
             return decision.verdict
         except MalformedPacket as exc:
             self.malformed += 1
             self._log(Event(EventKind.MALFORMED_PACKET, _src_of(payload), reason=exc.reason))
         except Exception as exc:  # a bug: still a verdict, still running
             self.internal_error(exc, payload)
+        self.verdicts[Verdict.DROP] += 1
         return Verdict.DROP
+
+    def verdict_counts(self) -> dict[str, int]:
+        return {v.name.lower(): self.verdicts[v] for v in Verdict}
 
     def internal_error(self, exc: Exception, payload: bytes) -> None:
         self.errors += 1
@@ -153,25 +159,20 @@ class Service:
             },
             "grants": self.engine.grants(wall, mono),
             "tracked_sources": self.engine.tracked_sources(),
-            "verdicts": dict(self.engine.stats),
+            "verdicts": self.verdict_counts(),
             "malformed": self.malformed,
             "internal_errors": self.errors,
             "queue": queue_stats or {},
         }
 
 
-def _src_of(payload: bytes) -> str:
-    """Best-effort source address of a packet we could not parse (for the log)."""
-    import ipaddress
-
-    try:
-        if payload[:1] and payload[0] >> 4 == 4 and len(payload) >= 20:
-            return str(ipaddress.ip_address(payload[12:16]))
-        if payload[:1] and payload[0] >> 4 == 6 and len(payload) >= 40:
-            return str(ipaddress.ip_address(payload[8:24]))
-    except ValueError:
-        pass
-    return "?"
+def _src_of(payload: bytes) -> bytes:
+    """Best-effort packed source address of a packet we could not parse (for the log)."""
+    if payload[:1] and payload[0] >> 4 == 4 and len(payload) >= 20:
+        return payload[12:16]
+    if payload[:1] and payload[0] >> 4 == 6 and len(payload) >= 40:
+        return payload[8:24]
+    return b""
 
 
 def queue_stats(

@@ -302,18 +302,38 @@ def test_protected_port_at_a_destination_only_opens_there() -> None:
 
 def test_source_table_is_bounded_by_lru_eviction() -> None:
     engine, clock = make(max_sources=16)
-    starters = list(seq(engine, alice(), clock.wall)[:1])
+    starters = list(seq(engine, alice(), clock.wall)[:2])
+    evicted = []
     for i in range(100):
-        src = ip(f"198.51.100.{i + 2}") if i < 200 else CLIENT
-        knock_all(engine, clock, starters, src=src)
+        decisions = knock_all(engine, clock, starters, src=ip(f"198.51.100.{i + 2}"))
+        evicted += [e for e in kinds(decisions) if e is EventKind.SOURCE_EVICTED]
     assert engine.tracked_sources() == 16
+    assert len(evicted) == 100 - 16
+
+
+def test_a_single_knock_never_creates_per_source_state() -> None:
+    engine, clock = make()
+    first = seq(engine, alice(), clock.wall)[0]
+    for i in range(200):
+        knock_all(engine, clock, [first], src=ip(f"198.51.100.{i % 250}"))
+    assert engine.tracked_sources() == 0
+
+
+def test_starting_needs_two_knocks_of_one_candidate_from_one_source() -> None:
+    engine, clock = make()
+    a, b = seq(engine, alice(), clock.wall)[:2]
+    knock_all(engine, clock, [a], src=CLIENT)
+    knock_all(engine, clock, [b], src=CLIENT2)
+    assert engine.tracked_sources() == 0
+    knock_all(engine, clock, [b], src=CLIENT)
+    assert engine.tracked_sources() == 1
 
 
 def test_progress_per_source_is_bounded() -> None:
     users = [alice(name=f"u{i}", secret=bytes([i]) * 32) for i in range(40)]
     engine, clock = make(users=users, max_progress_per_source=4)
-    firsts = [seq(engine, u, clock.wall)[0] for u in users]
-    knock_all(engine, clock, firsts)
+    for u in users:
+        knock_all(engine, clock, seq(engine, u, clock.wall)[:2])
     source = engine._sources[CLIENT + SERVER]
     assert len(source.progress) <= 4
 

@@ -116,9 +116,10 @@ def test_any_input_sequence_leaves_the_engine_consistent(script: list[tuple[str,
             assert engine._by_key[(cand.user, cand.step, cand.counter)] == cid
             assert engine.users[cand.user].enabled
             assert abs(cand.step - engine.step) <= engine.s.skew_steps
-        for entries in engine._starts.values():
-            for entry in entries:
-                assert entry >> 8 in engine._candidates
+        for port, near in engine._near.items():
+            for cid, pos in near.items():
+                assert engine._candidates[cid].ports[pos] == port
+                assert pos <= engine.s.reorder_window + 1
         for g in engine.grants(clock.wall, clock.mono):
             assert 0 < g["remaining"] <= engine.s.max_connections
             assert g["user"] in engine.users
