@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import socket
 import sys
 import tomllib
@@ -14,6 +15,7 @@ import toml
 
 from nfknock.config import Config, ConfigError, load_config, parse_users
 from nfknock.fileio import atomic_write
+from nfknock.schemes import SCHEME_NAMES
 from nfknock.sequence import SchemeError, format_base32, generate_secret, parse_port_list
 
 CONFIG_TEMPLATE = """\
@@ -91,10 +93,19 @@ def register(sub: Any) -> None:
     p.add_argument("--ports", default=None, help="protected ports this user may open: P,P,...")
     p.add_argument("--host", default=None, help="the address clients knock (for the profile)")
     p.add_argument("--profile", default=None, help="profile name printed for the client")
+    p.add_argument(
+        "--scheme",
+        choices=SCHEME_NAMES,
+        default=None,
+        help="sequence scheme for a new user (default: [knock] scheme); livingstone and "
+        "kommen are weak, for existing clients only",
+    )
 
     p = add("rules", cmd_rules, "render, install or remove the static firewall rules")
     p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
-    p.add_argument("--format", choices=["iptables", "ip6tables", "nftables"], default="iptables")
+    p.add_argument(
+        "--format", choices=["iptables", "ip6tables", "nftables", "aws-sg"], default="iptables"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--install", action="store_true", help="apply (iptables, IPv4 and IPv6)")
     g.add_argument("--remove", action="store_true", help="remove nfknock's chains only")
@@ -147,7 +158,7 @@ def _read_users(cfg: Config) -> dict[str, Any]:
 
 def _write_users(cfg: Config, users: dict[str, Any]) -> None:
     # Validate the whole new file before writing anything (never half-applied).
-    parse_users(cfg.users_file, {"users": users}, cfg.protected_ports)
+    parse_users(cfg.users_file, {"users": users}, cfg)
     body = toml.dumps({"users": users}) if users else ""
     atomic_write(cfg.users_file, (USERS_HEADER + body).encode(), mode=0o600)
 
@@ -164,25 +175,52 @@ def _signal_daemon(cfg: Config) -> str:
     return f"the running daemon refused the reload: {reply.get('error')}"
 
 
-def profile_text(cfg: Config, name: str, secret: str, host: str, profile: str, port: int) -> str:
+def new_secret(scheme: str) -> tuple[str, str]:
+    """(key in the users file, value) of a fresh secret in the form the scheme's own
+    clients take: base32 for v1 and kommen; a random base32 *string* used as raw
+    UTF-8 for totp-knockd-rs; 10 bytes (16 base32 characters) for livingstone,
+    whose client refuses other lengths."""
+    if scheme == "totp-knockd-rs":
+        return "secret_utf8", format_base32(generate_secret())
+    if scheme == "livingstone":
+        return "secret", format_base32(secrets.token_bytes(10))
+    return "secret", format_base32(generate_secret())
+
+
+def profile_text(
+    cfg: Config, name: str, entry: dict[str, Any], host: str, profile: str, port: int
+) -> str:
+    """The client profile for one user, exactly as nfknock-client reads it."""
     k = cfg.knock
-    excluded = sorted(k.exclude | cfg.protected_ports)
-    return "\n".join(
-        [
-            f"# nfknock-client profile for user {name!r}: paste into",
-            "# ~/.config/nfknock/client.toml (chmod 600)",
-            f"[profiles.{json.dumps(profile)}]",
-            f"host = {json.dumps(host)}",
-            f"port = {port}",
-            f"secret = {json.dumps(secret)}",
+    scheme = entry.get("scheme", k.scheme)
+    lines = [
+        f"# nfknock-client profile for user {name!r}: paste into",
+        "# ~/.config/nfknock/client.toml (chmod 600)",
+        f"[profiles.{json.dumps(profile)}]",
+        f"host = {json.dumps(host)}",
+        f"port = {port}",
+    ]
+    if scheme != "v1":
+        lines.append(f"scheme = {json.dumps(scheme)}")
+    key = "secret_utf8" if "secret_utf8" in entry else "secret"
+    lines.append(f"{key} = {json.dumps(entry[key])}")
+    if scheme == "v1":
+        lines += [
             f"realm = {json.dumps(k.realm)}",
             f"port_min = {k.port_min}",
             f"port_max = {k.port_max}",
             f"length = {k.length}",
             f"step_seconds = {k.step_seconds}",
-            f"exclude = {json.dumps(excluded)}",
+            f"exclude = {json.dumps(sorted(k.exclude | cfg.protected_ports))}",
         ]
-    )
+    elif scheme == "totp-knockd-rs":
+        lines += [
+            f"{opt} = {entry[opt]}" for opt in ("port_min", "port_max", "length") if opt in entry
+        ]
+        lines.append(f"step_seconds = {k.step_seconds}")
+    elif scheme == "kommen":
+        lines.append(f"counter = {entry.get('counter', 0)}")
+    return "\n".join(lines)
 
 
 def cmd_user(args: argparse.Namespace) -> int:
@@ -201,8 +239,11 @@ def cmd_user(args: argparse.Namespace) -> int:
     if action == "add":
         if name in users:
             return _fail(f"user {name!r} exists (use rekey for a new secret)")
-        secret = format_base32(generate_secret())
-        entry: dict[str, Any] = {"secret": secret, "enabled": True}
+        scheme = args.scheme or cfg.knock.scheme
+        key, value = new_secret(scheme)
+        entry: dict[str, Any] = {key: value, "enabled": True}
+        if scheme != cfg.knock.scheme:
+            entry["scheme"] = scheme
         if args.ports:
             try:
                 entry["ports"] = sorted(parse_port_list(args.ports))
@@ -214,18 +255,23 @@ def cmd_user(args: argparse.Namespace) -> int:
     elif action in ("disable", "enable"):
         users[name]["enabled"] = action == "enable"
     elif action == "rekey":
-        secret = format_base32(generate_secret())
-        users[name]["secret"] = secret
+        for old in ("secret", "secret_utf8"):
+            users[name].pop(old, None)
+        key, value = new_secret(users[name].get("scheme", cfg.knock.scheme))
+        users[name][key] = value
     elif action == "revoke":
         del users[name]
-    _write_users(cfg, users)
+    try:
+        _write_users(cfg, users)
+    except ConfigError as exc:
+        return _fail(f"nothing changed: {exc}")
     print(f"user {name}: {action} done ({cfg.users_file})")
     if action in ("add", "rekey"):
         allowed = users[name].get("ports") or sorted(cfg.protected_ports)
         host = args.host or socket.getfqdn()
         profile = args.profile or host
         print()
-        print(profile_text(cfg, name, secret, host, profile, allowed[0]))
+        print(profile_text(cfg, name, users[name], host, profile, allowed[0]))
         print()
         print("# or on the command line (secret in a file only you can read):")
         print(
@@ -239,7 +285,8 @@ def cmd_user(args: argparse.Namespace) -> int:
 def cmd_rules(args: argparse.Namespace) -> int:
     from nfknock import rules
 
-    cfg = load_config(args.config, load_users=False)
+    # The users' schemes widen the knock range; only --remove works without them.
+    cfg = load_config(args.config, load_users=not args.remove)
     try:
         if args.install:
             for line in rules.install(cfg):
@@ -256,6 +303,8 @@ def cmd_rules(args: argparse.Namespace) -> int:
             print("nfknock rules: installed and complete (IPv4 and IPv6)")
         elif args.format == "nftables":
             sys.stdout.write(rules.render_nftables(cfg))
+        elif args.format == "aws-sg":
+            sys.stdout.write(rules.render_aws_sg(cfg))
         else:
             sys.stdout.write(rules.render_iptables(cfg, 4 if args.format == "iptables" else 6))
     except rules.RulesError as exc:

@@ -14,19 +14,15 @@ from collections.abc import Sequence
 
 from nfknock import __version__
 from nfknock.config import ConfigError, load_config
+from nfknock.schemes import SCHEME_NAMES, Kommen, Livingstone, make_scheme, step_for
 from nfknock.sequence import (
-    DEFAULT_LENGTH,
-    DEFAULT_PORT_MAX,
-    DEFAULT_PORT_MIN,
     DEFAULT_STEP,
+    MIN_SECRET_BYTES,
     SchemeError,
     SecretError,
-    SequenceParams,
-    derive,
     parse_base32,
     parse_port_list,
     parse_port_range,
-    step_of,
 )
 
 EXIT_OK = 0
@@ -48,12 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("sequence", help="print a knock sequence (debugging, external checks)")
-    s.add_argument("--secret-base32", required=True, metavar="S")
+    s.add_argument("--scheme", default="v1", choices=SCHEME_NAMES)
+    sec = s.add_mutually_exclusive_group(required=True)
+    sec.add_argument("--secret-base32", metavar="S")
+    sec.add_argument("--secret-utf8", metavar="S", help="a raw string secret (totp-knockd-rs)")
     s.add_argument("--time", type=float, default=None, metavar="T", help="Unix time (default: now)")
     s.add_argument("--counter", type=int, default=0, metavar="C")
     s.add_argument("--realm", default="", metavar="R")
-    s.add_argument("--length", type=int, default=DEFAULT_LENGTH, metavar="L")
-    s.add_argument("--range", default=f"{DEFAULT_PORT_MIN}-{DEFAULT_PORT_MAX}", metavar="LO-HI")
+    s.add_argument("--length", type=int, default=None, metavar="L")
+    s.add_argument("--range", default=None, metavar="LO-HI")
     s.add_argument("--step", type=int, default=DEFAULT_STEP, metavar="X")
     s.add_argument("--exclude", default="", metavar="P,P,...")
     s.add_argument("--json", action="store_true")
@@ -69,9 +68,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_sequence(args: argparse.Namespace) -> int:
     try:
-        secret = parse_base32(args.secret_base32)
-        lo, hi = parse_port_range(args.range)
-        params = SequenceParams(
+        if args.secret_utf8 is not None:
+            secret = args.secret_utf8.encode()
+            if args.scheme == "v1" and len(secret) < MIN_SECRET_BYTES:
+                raise SecretError(f"v1 needs a secret of at least {MIN_SECRET_BYTES} bytes")
+        else:
+            # Compatibility schemes take the secrets their systems use: the base32
+            # decodes to the exact key bytes, whatever their length.
+            secret = parse_base32(
+                args.secret_base32, min_bytes=MIN_SECRET_BYTES if args.scheme == "v1" else 1
+            )
+        lo, hi = parse_port_range(args.range) if args.range else (None, None)
+        scheme = make_scheme(
+            args.scheme,
             port_min=lo,
             port_max=hi,
             length=args.length,
@@ -84,23 +93,22 @@ def cmd_sequence(args: argparse.Namespace) -> int:
         now = time.time() if args.time is None else args.time
         if now < 0:
             raise SchemeError(f"time {now} is negative")
-        step = step_of(now, params.step_seconds)
-        ports = derive(secret, step, args.counter, params)
+        step = step_for(scheme, now)
+        ports = scheme.derive(secret, step, args.counter)
     except (SecretError, SchemeError) as exc:
         raise UsageError(str(exc)) from None
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "scheme": "v1",
-                    "ports": list(ports),
-                    "step": step,
-                    "counter": args.counter,
-                    "valid_from": step * params.step_seconds,
-                    "valid_until": (step + 1) * params.step_seconds,
-                }
-            )
-        )
+        out: dict[str, object] = {"scheme": scheme.name, "ports": list(ports)}
+        out["step"] = step if scheme.time_based else None
+        out["counter"] = args.counter if scheme.has_counter else 0
+        if scheme.time_based:
+            out["valid_from"] = step * scheme.step_length()
+            out["valid_until"] = (step + 1) * scheme.step_length()
+        if isinstance(scheme, Livingstone):
+            out["code"] = scheme.code(secret, step)
+        if isinstance(scheme, Kommen):
+            out["code"] = scheme.code(secret, args.counter)
+        print(json.dumps(out))
     else:
         print(" ".join(map(str, ports)))
     return EXIT_OK
@@ -108,6 +116,8 @@ def cmd_sequence(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    for warning in cfg.warnings:
+        print(f"nfknock check: warning: {warning}", file=sys.stderr)
     enabled = sum(1 for u in cfg.users if u.enabled)
     ports = ", ".join(f"{p.port}@{p.address}" if p.address else str(p.port) for p in cfg.protect)
     print(

@@ -18,13 +18,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nfknock.sequence import SchemeError, SecretError, SequenceParams, parse_base32
+from nfknock.schemes import (
+    SCHEME_NAMES,
+    V1,
+    WEAK_SCHEMES,
+    Kommen,
+    Livingstone,
+    Scheme,
+    TotpKnockdRs,
+)
+from nfknock.sequence import (
+    MIN_SECRET_BYTES,
+    SchemeError,
+    SecretError,
+    SequenceParams,
+    parse_base32,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-SCHEMES = ("v1",)
+# Schemes that may be the default for every user; weak ones are opt-in per user.
+DEFAULT_SCHEMES = ("v1", "totp-knockd-rs")
 DEFAULT_REJECT_MARK = 0x4E4B0001
 
 
@@ -98,6 +114,8 @@ class User:
     secret: bytes = field(repr=False)
     ports: frozenset[int] | None = None  # None: every protected port
     enabled: bool = True
+    scheme: Scheme | None = None  # None: v1 with the [knock] parameters
+    initial_counter: int = 0  # HOTP schemes (kommen): the counter to start from
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,7 @@ class Config:
     control_socket: Path
     log: LogConfig
     users: tuple[User, ...]
+    warnings: tuple[str, ...] = ()
 
     @property
     def protected_ports(self) -> frozenset[int]:
@@ -282,8 +301,10 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
 
     k = root.sub("knock")
     scheme = k.take("scheme", str, "v1")
-    if scheme not in SCHEMES:
-        raise k.error("scheme", f"{scheme!r} is not one of {', '.join(SCHEMES)}")
+    if scheme in WEAK_SCHEMES:
+        raise k.error("scheme", f"{scheme!r} is weak and opt-in per user: set it in the users file")
+    if scheme not in DEFAULT_SCHEMES:
+        raise k.error("scheme", f"{scheme!r} is not one of {', '.join(DEFAULT_SCHEMES)}")
     length = k.int_in("length", 32, 1, 255)
     knock = KnockConfig(
         scheme=scheme,
@@ -366,8 +387,8 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
     except SchemeError as exc:
         raise ConfigError(path, "knock", str(exc)) from None
     if load_users:
-        users = load_users_file(users_file, cfg.protected_ports)
-        cfg = Config(**{**cfg.__dict__, "users": users})
+        users, warnings = load_users_file(users_file, cfg)
+        cfg = Config(**{**cfg.__dict__, "users": users, "warnings": warnings})
     return cfg
 
 
@@ -395,38 +416,104 @@ def check_private(path: Path) -> None:
         )
 
 
-def load_users_file(path: Path, protected: frozenset[int]) -> tuple[User, ...]:
+def load_users_file(path: Path, cfg: Config) -> tuple[tuple[User, ...], tuple[str, ...]]:
     check_private(path)
-    return parse_users(path, _load_toml(path), protected)
+    return parse_users(path, _load_toml(path), cfg)
 
 
-def parse_users(path: Path, data: Mapping[str, Any], protected: frozenset[int]) -> tuple[User, ...]:
+def _secret(u: _Table, scheme: str) -> bytes:
+    """``secret`` (base32) or ``secret_utf8`` (raw string, as totp-knockd-rs keeps it)."""
+    if "secret" not in u.data and "secret_utf8" not in u.data:
+        raise u.error("secret", "is required (base32; or secret_utf8 for a raw string)")
+    if "secret" in u.data and "secret_utf8" in u.data:
+        raise u.error("secret", "give only one of secret (base32) and secret_utf8")
+    if "secret_utf8" in u.data:
+        raw = u.take("secret_utf8", str, "").encode()
+        if not raw:
+            raise u.error("secret_utf8", "is empty")
+        if scheme == "v1" and len(raw) < MIN_SECRET_BYTES:
+            raise u.error("secret_utf8", f"v1 needs at least {MIN_SECRET_BYTES} bytes")
+        return raw
+    try:
+        return parse_base32(
+            u.take("secret", str, ""), min_bytes=MIN_SECRET_BYTES if scheme == "v1" else 1
+        )
+    except SecretError as exc:
+        raise u.error("secret", str(exc)) from None
+
+
+def _user_scheme(u: _Table, name: str, cfg: Config) -> Scheme:
+    """The scheme object of one user; scheme-specific keys are only valid there."""
+    default = cfg.knock.scheme
+    scheme_name = u.take("scheme", str, default)
+    if scheme_name not in SCHEME_NAMES:
+        raise u.error("scheme", f"{scheme_name!r} is not one of {', '.join(SCHEME_NAMES)}")
+    step = cfg.knock.step_seconds
+    if scheme_name == "totp-knockd-rs":
+        try:
+            return TotpKnockdRs(
+                port_min=u.int_in("port_min", 1024, 1, 65535),
+                port_max=u.int_in("port_max", 32768, 1, 65535),
+                length=u.int_in("length", 32, 2, 255),
+                step_seconds=step,
+            )
+        except SchemeError as exc:
+            raise u.error("scheme", str(exc)) from None
+    if scheme_name == "livingstone":
+        if step != 30:
+            raise u.error("scheme", "livingstone uses 30 s steps: [knock] step_seconds must be 30")
+        return Livingstone()
+    if scheme_name == "kommen":
+        return Kommen()
+    return V1(cfg.sequence_params())
+
+
+def parse_users(
+    path: Path, data: Mapping[str, Any], cfg: Config
+) -> tuple[tuple[User, ...], tuple[str, ...]]:
     root = _Table(path, "", data)
     table = root.sub("users")
     root.finish()
     users = []
+    warnings: list[str] = []
     for name in sorted(table.data):
         if not USER_NAME.match(name):
             raise table.error(
                 name, "user names are 1-64 of A-Z a-z 0-9 _ . @ - (first alphanumeric)"
             )
         u = table.sub(name)
-        if "secret" not in u.data:
-            raise u.error("secret", "is required")
-        try:
-            secret = parse_base32(u.take("secret", str, ""))
-        except SecretError as exc:
-            raise u.error("secret", str(exc)) from None
+        scheme = _user_scheme(u, name, cfg)
+        secret = _secret(u, scheme.name)
         ports = u.ports("ports")
         if ports is not None:
-            stray = sorted(ports - protected)
+            stray = sorted(ports - cfg.protected_ports)
             if stray:
                 raise u.error(
                     "ports",
                     f"{', '.join(map(str, stray))} not protected by any [[protect]] entry",
                 )
-        users.append(
-            User(name=name, secret=secret, ports=ports, enabled=u.take("enabled", bool, True))
-        )
+        initial = u.int_in("counter", 0, 0, 1 << 62) if scheme.name == "kommen" else 0
+        enabled = u.take("enabled", bool, True)
         u.finish()
-    return tuple(users)
+        if scheme.name in WEAK_SCHEMES:
+            warnings.append(
+                f"{path}: users.{name}: scheme {scheme.name!r} is weak "
+                f"(~{scheme.strength_bits():.0f} bits per attempt); use it only to keep "
+                "existing clients"
+            )
+        if len(secret) < MIN_SECRET_BYTES:
+            warnings.append(
+                f"{path}: users.{name}: the secret is {len(secret)} bytes, below v1's "
+                f"minimum of {MIN_SECRET_BYTES}"
+            )
+        users.append(
+            User(
+                name=name,
+                secret=secret,
+                ports=ports,
+                enabled=enabled,
+                scheme=None if scheme.name == "v1" else scheme,
+                initial_counter=initial,
+            )
+        )
+    return tuple(users), tuple(warnings)

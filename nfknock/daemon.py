@@ -93,7 +93,12 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc), reason="keeping the running configuration")
             return
+        self._log_reloaded(how)
+
+    def _log_reloaded(self, how: str) -> None:
         log.info("reloaded", detail=how, users=len(self.service.cfg.users))
+        for warning in self.service.cfg.warnings:
+            log.warning("config_warning", detail=warning)
 
     # --- control socket ---------------------------------------------------------
 
@@ -145,7 +150,7 @@ class Daemon:
                     "reload_failed", error=str(exc), reason="keeping the running configuration"
                 )
                 return {"ok": False, "error": str(exc)}
-            log.info("reloaded", detail=how, users=len(self.service.cfg.users))
+            self._log_reloaded(how)
             return {"ok": True, "detail": how}
         return {"ok": False, "error": f"unknown command {command!r}"}
 
@@ -184,6 +189,8 @@ class Daemon:
             knock_range=f"{cfg.knock.port_min}-{cfg.knock.port_max}",
             restored=restored,
         )
+        for warning in cfg.warnings:
+            log.warning("config_warning", detail=warning)
         notify(f"READY=1\nSTATUS=verdicts on queue {cfg.queue.number}")
         fd = nfq.get_fd()
         poller = select.poll()

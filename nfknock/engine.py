@@ -61,8 +61,11 @@ from typing import Any
 
 from nfknock.config import Config, User
 from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict, addr_text
-from nfknock.sequence import SequenceParams, derive, step_of
+from nfknock.schemes import V1, Scheme, merge_ranges
+from nfknock.sequence import SequenceParams, step_of
 
+# The "step" of schemes that count HOTP counters instead of time (kommen).
+HOTP_STEP = -1
 # Unmatched knocks remembered per source for starting a candidate (see _start_pair).
 _RECENT = 4
 _RECENT_MASK = (1 << (16 * _RECENT)) - 1
@@ -143,6 +146,20 @@ class Grant:
     expires: float  # monotonic
 
 
+def _first_free(ports: array[int], port: int, prog: Progress) -> int:
+    """The first position >= next holding ``port`` not received yet; -1 if none (a
+    duplicate).  Usually the port occurs once; some schemes repeat ports."""
+    start = prog.next
+    while True:
+        try:
+            pos = ports.index(port, start)
+        except ValueError:
+            return -1
+        if not (prog.mask >> pos) & 1:
+            return pos
+        start = pos + 1
+
+
 def _split(key: bytes) -> tuple[bytes, bytes]:
     """A table key (source + destination, packed) back into its two addresses."""
     half = len(key) // 2
@@ -177,8 +194,7 @@ class Engine:
         self._set_step(wall)
         self._protect = settings.protect
         self._timeout = settings.sequence_timeout
-        self._lo = settings.params.port_min
-        self._hi = settings.params.port_max
+        self._v1 = V1(settings.params)
         self._set_users_quiet(users)
         self._rebuild()
 
@@ -213,6 +229,21 @@ class Engine:
     def _set_users_quiet(self, users: Iterable[User]) -> None:
         self._users = {u.name: u for u in users}
         self._ahead.clear()
+        # Which destination ports are knocks: the union of the schemes' ranges,
+        # never a protected port.  A byte per port: one index on the packet path.
+        ranges = self._v1.knock_ranges()
+        for u in self._users.values():
+            if u.enabled:
+                ranges += self._scheme(u).knock_ranges()
+            if not self._scheme(u).time_based:
+                key = (u.name, HOTP_STEP)
+                self._counters[key] = max(self._counters.get(key, 0), u.initial_counter)
+        is_knock = bytearray(65536)
+        for lo, hi in merge_ranges(ranges):
+            is_knock[lo : hi + 1] = b"\x01" * (hi - lo + 1)
+        for port in self.s.protect:
+            is_knock[port] = 0
+        self._is_knock = bytes(is_knock)
 
     def _end_grants(self, names: set[str], reason: str) -> list[Event]:
         events: list[Event] = []
@@ -230,26 +261,38 @@ class Engine:
 
     # --- candidates ------------------------------------------------------------
 
-    def _wanted_counters(self, user: str, step: int) -> range:
-        nxt = self._counters.get((user, step), 0)
-        return range(max(0, nxt - self.s.stale_counters), nxt + 1)
+    def _scheme(self, user: User) -> Scheme:
+        return user.scheme or self._v1
+
+    def _wanted_counters(self, user: User, step: int) -> range:
+        """Stale counters (remembered to answer replays), the current one, and the
+        scheme's look-ahead.  A scheme without counters has one sequence a step."""
+        scheme = self._scheme(user)
+        if not scheme.has_counter:
+            return range(1)
+        nxt = self._counters.get((user.name, step), 0)
+        return range(max(0, nxt - self.s.stale_counters), nxt + 1 + scheme.lookahead)
+
+    def _steps(self, user: User) -> range:
+        if not self._scheme(user).time_based:
+            return range(HOTP_STEP, HOTP_STEP + 1)
+        skew = self.s.skew_steps
+        return range(max(0, self._step - skew), self._step + skew + 1)
 
     def _derive(self, user: User, step: int, counter: int) -> array[int]:
         cached = self._ahead.pop((user.name, step, counter), None)
         if cached is not None:
             return cached
-        return array("H", derive(user.secret, step, counter, self.s.params))
+        return array("H", self._scheme(user).derive(user.secret, step, counter))
 
     def _rebuild(self) -> None:
         """Make the candidate set exactly the wanted one; rebuild the start index."""
-        skew = self.s.skew_steps
-        steps = range(max(0, self._step - skew), self._step + skew + 1)
         wanted = {
             (u.name, t, c)
             for u in self._users.values()
             if u.enabled
-            for t in steps
-            for c in self._wanted_counters(u.name, t)
+            for t in self._steps(u)
+            for c in self._wanted_counters(u, t)
         }
         for key in [k for k in self._by_key if k not in wanted]:
             del self._candidates[self._by_key.pop(key)]
@@ -258,8 +301,9 @@ class Engine:
         self._near = {}
         for cand in self._candidates.values():
             self._index(cand)
-        # Counters older than the window can never matter again.
-        for counter_key in [k for k in self._counters if k[1] < steps.start]:
+        # Time-step counters older than the window can never matter again.
+        oldest = self._step - self.s.skew_steps
+        for counter_key in [k for k in self._counters if HOTP_STEP < k[1] < oldest]:
             del self._counters[counter_key]
         self._ahead = {k: v for k, v in self._ahead.items() if k[1] > self._step}
 
@@ -272,6 +316,15 @@ class Engine:
         self._by_key[(user, step, counter)] = cand.cid
         if index:
             self._index(cand)
+
+    def _refresh(self, user: User, step: int) -> None:
+        """Candidates of one (user, step) after its counter moved."""
+        wanted = set(self._wanted_counters(user, step))
+        have = {c for (u, t, c) in self._by_key if u == user.name and t == step}
+        for counter in sorted(wanted - have):
+            self._add_candidate(user.name, step, counter)
+        for counter in have - wanted:
+            self._remove_candidate(user.name, step, counter)
 
     def _remove_candidate(self, user: str, step: int, counter: int) -> None:
         cid = self._by_key.pop((user, step, counter), None)
@@ -286,8 +339,10 @@ class Engine:
                     del self._near[port]
 
     def _index(self, cand: Candidate) -> None:
+        # A bitmask of positions: some schemes repeat a port within a sequence.
         for pos, port in enumerate(cand.ports[: self.s.reorder_window + 2]):
-            self._near.setdefault(port, {})[cand.cid] = pos
+            near = self._near.setdefault(port, {})
+            near[cand.cid] = near.get(cand.cid, 0) | (1 << pos)
 
     def _roll(self, wall: float) -> None:
         self._set_step(wall)
@@ -317,8 +372,14 @@ class Engine:
                 if budget <= 0:
                     break
                 key = (user.name, upcoming, 0)
-                if user.enabled and key not in self._ahead and key not in self._by_key:
-                    self._ahead[key] = array("H", derive(user.secret, upcoming, 0, self.s.params))
+                if (
+                    user.enabled
+                    and self._scheme(user).time_based
+                    and key not in self._ahead
+                    and key not in self._by_key
+                ):
+                    scheme = self._scheme(user)
+                    self._ahead[key] = array("H", scheme.derive(user.secret, upcoming, 0))
                     budget -= 1
         return events
 
@@ -350,7 +411,7 @@ class Engine:
             self._roll(wall)
         if port in self._protect:
             return self._protected(src, dst, port, mono)
-        if self._lo <= port <= self._hi:
+        if self._is_knock[port]:
             key = src + dst
             source = self._sources.get(key)
             if source is None:
@@ -442,8 +503,8 @@ class Engine:
             ports = cand.ports
             if port not in ports:
                 continue
-            pos = ports.index(port)
-            if pos < prog.next or (prog.mask >> pos) & 1:
+            pos = _first_free(ports, port, prog)
+            if pos < 0:
                 matched = True  # duplicate: a retransmitted SYN
                 continue
             if pos > prog.next + window:
@@ -482,13 +543,18 @@ class Engine:
             while packed:
                 earlier, packed = packed & 0xFFFF, packed >> 16
                 there = self._near.get(earlier)
-                if there is None or earlier == port:
+                if there is None:
                     continue
                 for cid in there.keys() & here.keys():
-                    first, second = there[cid], here[cid]
-                    # the first-arrived knock is within the window of position 0; the
-                    # second within the window of what the first advanced to.
-                    if first > window or second > (1 if first == 0 else 0) + window:
+                    # Position bitmasks.  The first-arrived knock must lie within the
+                    # window of position 0; the second within the window of what the
+                    # first advanced to, at another position (a repeated port counts
+                    # only where the sequence repeats it).
+                    first_mask = there[cid]
+                    first = (first_mask & -first_mask).bit_length() - 1
+                    rest = here[cid] & ~(1 << first)
+                    second = (rest & -rest).bit_length() - 1
+                    if first > window or second < 0 or second > (first == 0) + window:
                         continue
                     if source is None:
                         source = self._new_source(key, mono, events)
@@ -580,13 +646,10 @@ class Engine:
                     f"(current {current}): replay or a client behind",
                 )
             ]
-        # Current: advance the counter, add the next counter's candidate, forget the
-        # oldest stale one.
-        self._counters[(cand.user, cand.step)] = current + 1
-        self._add_candidate(cand.user, cand.step, current + 1)
-        drop = current - self.s.stale_counters
-        if drop >= 0:
-            self._remove_candidate(cand.user, cand.step, drop)
+        # Current (or within the look-ahead): the counter moves past it; the
+        # candidates follow (the next counters in, the oldest stale ones out).
+        self._counters[(cand.user, cand.step)] = cand.counter + 1
+        self._refresh(user, cand.step)
         ports = self._grant_ports(user, key[len(key) // 2 :])
         events = [
             Event(
@@ -683,7 +746,7 @@ class Engine:
         counters: dict[tuple[str, int], int] = {}
         for item in data.get("counters", []):
             user, step, nxt = str(item["user"]), int(item["step"]), int(item["next"])
-            if nxt < 0 or step < 0:
+            if nxt < 0 or step < HOTP_STEP:
                 raise ValueError(f"bad counter entry {item!r}")
             if user in self._users:
                 counters[(user, step)] = max(nxt, self._counters.get((user, step), 0))

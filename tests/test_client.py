@@ -36,8 +36,8 @@ def test_profile_with_inline_secret_loads(xdg: Path) -> None:
         'realm = "r"\nexclude = [22, 2222]\n',
     )
     t = cli.load_profile("srv")
-    assert (t.host, t.port, t.secret, t.params.realm) == ("h", 2222, SECRET, b"r")
-    assert t.params.exclude == {22, 2222}
+    assert (t.host, t.port, t.secret, t.options["realm"]) == ("h", 2222, SECRET, b"r")
+    assert t.options["exclude"] == {22, 2222}
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,7 @@ def test_profile_with_inline_secret_loads(xdg: Path) -> None:
     [
         ('[profiles.srv]\nhost = "h"\nsecret = "AAAA"\n', 0o600, "at least 16 bytes"),
         ('[profiles.srv]\nsecret = "x"\n', 0o600, "profiles.srv.host: is required"),
-        ('[profiles.srv]\nhost = "h"\n', 0o600, "needs secret or secret_file"),
+        ('[profiles.srv]\nhost = "h"\n', 0o600, "needs secret, secret_utf8 or secret_file"),
         ('[profiles.srv]\nhost = "h"\nsecret_file = "/nope"\n', 0o600, "not found"),
         ('[profiles.srv]\nhost = "h"\nsekret = "x"\n', 0o600, "sekret: unknown key"),
         ('[profiles.srv]\nhost = "h"\n', 0o644, "chmod 600"),

@@ -177,3 +177,61 @@ def test_check_exits_2_and_names_the_key(
     path = write(tmp_path, "[door]\nopen_seconds = -1\n" + MINIMAL)
     assert main(["check", "--config", str(path)]) == 2
     assert f"{path}: door.open_seconds: -1.0 is outside" in capsys.readouterr().err
+
+
+# --- schemes in the users file --------------------------------------------------
+
+
+def test_weak_scheme_cannot_be_the_global_default(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="opt-in per user"):
+        load_config(write(tmp_path, '[knock]\nscheme = "livingstone"\n' + MINIMAL))
+
+
+def test_users_may_opt_into_compat_schemes_with_warnings(tmp_path: Path) -> None:
+    users = (
+        '[users.old]\nscheme = "livingstone"\nsecret = "GEZDGNBVGY3TQOJQ"\n'
+        '[users.rs]\nscheme = "totp-knockd-rs"\nsecret_utf8 = "correct horse battery staple"\n'
+        "port_min = 2000\nport_max = 2999\nlength = 8\n"
+        '[users.hotp]\nscheme = "kommen"\nsecret = "DefaultSecretKey"\ncounter = 1\n'
+    )
+    cfg = load_config(write(tmp_path, MINIMAL, users))
+    by_name = {u.name: u for u in cfg.users}
+    assert by_name["old"].scheme is not None and by_name["old"].scheme.name == "livingstone"
+    assert by_name["rs"].secret == b"correct horse battery staple"
+    assert by_name["hotp"].initial_counter == 1
+    text = "\n".join(cfg.warnings)
+    assert "users.old: scheme 'livingstone' is weak (~20 bits" in text
+    assert "users.hotp: scheme 'kommen' is weak (~31 bits" in text
+    assert "users.old: the secret is 10 bytes" in text
+
+
+@pytest.mark.parametrize(
+    ("users", "key", "problem"),
+    [
+        ('[users.a]\nscheme = "rot13"\nsecret = "x"\n', "users.a.scheme", "not one of"),
+        (f'[users.a]\nsecret = "{SECRET}"\nport_min = 2000\n', "users.a.port_min", "unknown key"),
+        ('[users.a]\nsecret_utf8 = "short"\n', "users.a.secret_utf8", "at least 16 bytes"),
+        (f'[users.a]\nsecret = "{SECRET}"\nsecret_utf8 = "x"\n', "users.a.secret", "only one"),
+        (
+            '[users.a]\nscheme = "totp-knockd-rs"\nsecret_utf8 = "x"\nlength = 40\n',
+            "users.a.scheme",
+            "at most 512",
+        ),
+    ],
+)
+def test_scheme_errors_name_the_key(tmp_path: Path, users: str, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, MINIMAL, users))
+    assert info.value.key == key and problem in info.value.problem
+
+
+def test_livingstone_needs_30_second_steps(tmp_path: Path) -> None:
+    users = '[users.old]\nscheme = "livingstone"\nsecret = "GEZDGNBVGY3TQOJQ"\n'
+    with pytest.raises(ConfigError, match="30 s steps"):
+        load_config(write(tmp_path, "[knock]\nstep_seconds = 60\n" + MINIMAL, users))
+
+
+def test_check_prints_scheme_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    users = '[users.old]\nscheme = "livingstone"\nsecret = "GEZDGNBVGY3TQOJQ"\n'
+    assert main(["check", "--config", str(write(tmp_path, MINIMAL, users))]) == 0
+    assert "warning:" in capsys.readouterr().err

@@ -117,9 +117,11 @@ def test_any_input_sequence_leaves_the_engine_consistent(script: list[tuple[str,
             assert engine.users[cand.user].enabled
             assert abs(cand.step - engine.step) <= engine.s.skew_steps
         for port, near in engine._near.items():
-            for cid, pos in near.items():
-                assert engine._candidates[cid].ports[pos] == port
-                assert pos <= engine.s.reorder_window + 1
+            for cid, positions in near.items():
+                assert positions and positions < 1 << (engine.s.reorder_window + 2)
+                for pos in range(positions.bit_length()):
+                    if positions >> pos & 1:
+                        assert engine._candidates[cid].ports[pos] == port
         for g in engine.grants(clock.wall, clock.mono):
             assert 0 < g["remaining"] <= engine.s.max_connections
             assert g["user"] in engine.users

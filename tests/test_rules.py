@@ -12,7 +12,7 @@ import pytest
 
 from nfknock.admin import CONFIG_TEMPLATE
 from nfknock.config import Config, parse_config
-from nfknock.rules import render_iptables, render_nftables
+from nfknock.rules import render_aws_sg, render_iptables, render_nftables
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden"
@@ -153,3 +153,46 @@ def test_nftables_ruleset_passes_nft_check_except_for_the_queue_expression() -> 
         assert "Could not process rule" in lines[i], proc.stderr
         assert "queue num 7" in lines[i + 1], proc.stderr
     assert len(errors) in (0, sum("queue num" in ln for ln in path.read_text().splitlines()))
+
+
+def _with_users(text: str, users: str, tmp: Path) -> Config:
+    (tmp / "users.toml").write_text(users)
+    (tmp / "users.toml").chmod(0o600)
+    (tmp / "nfknock.toml").write_text(text + '\n[users]\nfile = "users.toml"\n')
+    from nfknock.config import load_config
+
+    return load_config(tmp / "nfknock.toml")
+
+
+def test_compat_users_widen_the_knock_range(tmp_path: Path) -> None:
+    users = (
+        '[users.old]\nscheme = "livingstone"\nsecret = "GEZDGNBVGY3TQOJQ"\n'
+        '[users.rs]\nscheme = "totp-knockd-rs"\nsecret_utf8 = "correct horse battery staple"\n'
+    )
+    cfg = _with_users("[[protect]]\nport = 22\n", users, tmp_path)
+    text = render_iptables(cfg, 4)
+    assert "--dport 1000:33791 " in text  # 1000-9999 and 1024-32768 merge into v1's range
+    assert "tcp dport 1000-33791 " in render_nftables(cfg)
+
+
+def test_kommen_user_queues_every_port_but_the_excluded(tmp_path: Path) -> None:
+    users = '[users.k]\nscheme = "kommen"\nsecret = "DefaultSecretKey"\n'
+    cfg = _with_users("[knock]\nexclude = [443]\n[[protect]]\nport = 22\n", users, tmp_path)
+    text = render_iptables(cfg, 4)
+    idx = _order(text, "--dports 443 -j RETURN", "--dport 1:65535 ")
+    assert idx == sorted(idx)
+
+
+def test_aws_security_group_permissions_match_golden() -> None:
+    import json
+
+    text = render_aws_sg(_config(GATEWAY_CONFIG))
+    _golden("gateway.aws-sg.json", text)
+    perms = json.loads(text)
+    assert {(p["FromPort"], p["ToPort"]) for p in perms} == {
+        (2000, 2999),
+        (22, 22),
+        (2222, 2222),
+        (3389, 3389),
+    }
+    assert all(p["IpProtocol"] == "tcp" for p in perms)

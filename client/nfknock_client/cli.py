@@ -21,19 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nfknock.schemes import SCHEME_NAMES, V1, Scheme, make_scheme, step_for
 from nfknock.sequence import (
-    DEFAULT_LENGTH,
-    DEFAULT_PORT_MAX,
-    DEFAULT_PORT_MIN,
-    DEFAULT_STEP,
+    MIN_SECRET_BYTES,
     SchemeError,
     SecretError,
-    SequenceParams,
-    derive,
     parse_base32,
     parse_port_list,
     parse_port_range,
-    step_of,
 )
 from nfknock_client.knock import (
     DoorState,
@@ -61,7 +56,12 @@ class Target:
     host: str
     port: int
     secret: bytes = field(repr=False)
-    params: SequenceParams
+    scheme_name: str = "v1"
+    # Scheme options (port_min, port_max, length, step_seconds, realm, exclude);
+    # absent ones take the scheme's defaults.
+    options: dict[str, Any] = field(default_factory=dict)
+    initial_counter: int = 0
+    scheme: Scheme = field(default_factory=V1)
 
 
 def _xdg(var: str, default: str) -> Path:
@@ -90,14 +90,14 @@ def _private(path: Path, what: str) -> None:
         )
 
 
-def read_secret_file(path: Path) -> bytes:
+def read_secret_file(path: Path, min_bytes: int = MIN_SECRET_BYTES) -> bytes:
     _private(path, "secret file")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise ClientError(f"secret file {path}: {exc}") from None
     try:
-        return parse_base32(text)
+        return parse_base32(text, min_bytes=min_bytes)
     except SecretError as exc:
         raise ClientError(f"secret file {path}: {exc}") from None
 
@@ -105,14 +105,17 @@ def read_secret_file(path: Path) -> bytes:
 PROFILE_KEYS = {
     "host",
     "port",
+    "scheme",
     "secret",
     "secret_file",
+    "secret_utf8",
     "realm",
     "port_min",
     "port_max",
     "length",
     "step_seconds",
     "exclude",
+    "counter",
 }
 
 
@@ -134,26 +137,34 @@ def load_profile(name: str, path: Path | None = None) -> Target:
         raise ClientError(f"{where}.{sorted(unknown)[0]}: unknown key")
     if "host" not in p:
         raise ClientError(f"{where}.host: is required")
+    scheme_name = str(p.get("scheme", "v1"))
+    if scheme_name not in SCHEME_NAMES:
+        raise ClientError(
+            f"{where}.scheme: {scheme_name!r} is not one of {', '.join(SCHEME_NAMES)}"
+        )
+    min_bytes = MIN_SECRET_BYTES if scheme_name == "v1" else 1
     try:
         if "secret" in p:
-            secret = parse_base32(str(p["secret"]))
+            secret = parse_base32(str(p["secret"]), min_bytes=min_bytes)
+        elif "secret_utf8" in p:
+            secret = str(p["secret_utf8"]).encode()
         elif "secret_file" in p:
-            secret = read_secret_file(Path(str(p["secret_file"])).expanduser())
+            secret = read_secret_file(Path(str(p["secret_file"])).expanduser(), min_bytes)
         else:
-            raise ClientError(f"{where}: needs secret or secret_file")
-        params = SequenceParams(
-            port_min=int(p.get("port_min", DEFAULT_PORT_MIN)),
-            port_max=int(p.get("port_max", DEFAULT_PORT_MAX)),
-            length=int(p.get("length", DEFAULT_LENGTH)),
-            step_seconds=int(p.get("step_seconds", DEFAULT_STEP)),
-            realm=str(p.get("realm", "")).encode(),
-            exclude=frozenset(int(x) for x in p.get("exclude", [])),
-        )
+            raise ClientError(f"{where}: needs secret, secret_utf8 or secret_file")
+        options: dict[str, Any] = {
+            k: int(p[k]) for k in ("port_min", "port_max", "length", "step_seconds") if k in p
+        }
+        if "realm" in p:
+            options["realm"] = str(p["realm"]).encode()
+        if "exclude" in p:
+            options["exclude"] = frozenset(int(x) for x in p["exclude"])
         port = int(p.get("port", 22))
-    except (SecretError, SchemeError, TypeError, ValueError) as exc:
+        counter = int(p.get("counter", 0))
+    except (SecretError, TypeError, ValueError) as exc:
         raise ClientError(f"{where}: {exc}") from None
     _check_port(port)
-    return Target(name, str(p["host"]), port, secret, params)
+    return Target(name, str(p["host"]), port, secret, scheme_name, options, counter)
 
 
 def _check_port(port: int) -> None:
@@ -208,7 +219,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--config", type=Path, default=None, help="client.toml to read profiles from"
         )
-        s.add_argument("--secret-file", type=Path)
+        s.add_argument("--secret-file", type=Path, help="base32 secret, mode 0600")
+        s.add_argument("--scheme", choices=SCHEME_NAMES, default=None, help="default: v1")
         s.add_argument("--port", type=int, default=None, help="the protected port (default 22)")
         s.add_argument("--realm", default=None)
         s.add_argument("--length", type=int, default=None)
@@ -240,6 +252,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _target(args: argparse.Namespace) -> Target:
+    """The profile (or command line) with command-line overrides, scheme built."""
     if args.profile:
         t = load_profile(args.profile, args.config)
     else:
@@ -247,29 +260,43 @@ def _target(args: argparse.Namespace) -> Target:
             raise ClientError("give HOST and --secret-file, or --profile NAME")
         if not args.secret_file:
             raise ClientError("--secret-file is required without --profile")
+        scheme_name = args.scheme or "v1"
+        min_bytes = MIN_SECRET_BYTES if scheme_name == "v1" else 1
         host = args.host or ""
-        t = Target(host, host, 22, read_secret_file(args.secret_file), SequenceParams())
-    try:
-        lo, hi = (
-            parse_port_range(args.range) if args.range else (t.params.port_min, t.params.port_max)
-        )
-        params = SequenceParams(
-            port_min=lo,
-            port_max=hi,
-            length=args.length if args.length is not None else t.params.length,
-            step_seconds=args.step if args.step is not None else t.params.step_seconds,
-            realm=args.realm.encode() if args.realm is not None else t.params.realm,
-            exclude=parse_port_list(args.exclude) if args.exclude is not None else t.params.exclude,
-        )
-    except SchemeError as exc:
-        raise ClientError(str(exc)) from None
-    port = args.port if args.port is not None else t.port
-    _check_port(port)
+        t = Target(host, host, 22, read_secret_file(args.secret_file, min_bytes), scheme_name)
+    if args.scheme:
+        t.scheme_name = args.scheme
     if args.host and args.profile:
         t.host = args.host
-    # The protected port is never a knock (the server excludes it too).
-    params = SequenceParams(**{**params.__dict__, "exclude": params.exclude | {port}})
-    return Target(t.name, t.host, port, t.secret, params)
+    port = args.port if args.port is not None else t.port
+    _check_port(port)
+    opts = dict(t.options)
+    try:
+        if args.range:
+            opts["port_min"], opts["port_max"] = parse_port_range(args.range)
+        if args.length is not None:
+            opts["length"] = args.length
+        if args.step is not None:
+            opts["step_seconds"] = args.step
+        if args.realm is not None:
+            opts["realm"] = args.realm.encode()
+        if args.exclude is not None:
+            opts["exclude"] = parse_port_list(args.exclude)
+        # The protected port is never a knock (the server excludes it too).
+        opts["exclude"] = frozenset(opts.get("exclude", frozenset())) | {port}
+        scheme = make_scheme(t.scheme_name, **opts)
+    except SchemeError as exc:
+        raise ClientError(str(exc)) from None
+    return Target(t.name, t.host, port, t.secret, t.scheme_name, opts, t.initial_counter, scheme)
+
+
+def _counter(t: Target, step: int, override: int | None) -> int:
+    if override is not None:
+        return override
+    if not t.scheme.has_counter:
+        return 0
+    saved = load_counter(t.name, step)
+    return max(saved, t.initial_counter) if not t.scheme.time_based else saved
 
 
 def _result(args: argparse.Namespace, code: int, message: str, **extra: Any) -> int:
@@ -282,12 +309,12 @@ def _result(args: argparse.Namespace, code: int, message: str, **extra: Any) -> 
 
 def cmd_sequence(args: argparse.Namespace) -> int:
     t = _target(args)
-    now = time.time()
-    step = step_of(now, t.params.step_seconds)
-    counter = args.counter if args.counter is not None else load_counter(t.name, step)
-    ports = derive(t.secret, step, counter, t.params)
+    step = step_for(t.scheme, time.time())
+    counter = _counter(t, step, args.counter)
+    ports = t.scheme.derive(t.secret, step, counter)
     if args.json:
-        print(json.dumps({"ports": list(ports), "step": step, "counter": counter}))
+        out = {"scheme": t.scheme.name, "ports": list(ports), "step": step, "counter": counter}
+        print(json.dumps(out))
     else:
         print(" ".join(map(str, ports)))
     return EXIT_OPENED
@@ -308,14 +335,9 @@ def cmd_knock(args: argparse.Namespace) -> int:
     retried_step = False
     attempts = 0
     while True:
-        now = time.time()
-        step = step_of(now, t.params.step_seconds)
-        counter = (
-            args.counter
-            if args.counter is not None and attempts == 0
-            else load_counter(t.name, step)
-        )
-        ports = derive(t.secret, step, counter, t.params)
+        step = step_for(t.scheme, time.time())
+        counter = _counter(t, step, args.counter if attempts == 0 else None)
+        ports = t.scheme.derive(t.secret, step, counter)
         try:
             send(fam, address, ports, pace)
         except PermissionError:
@@ -344,6 +366,20 @@ def cmd_knock(args: argparse.Namespace) -> int:
                 print(f"nfknock-client: {msg}", file=sys.stderr)
                 return subprocess.call(args.exec_cmd, shell=True)  # noqa: S602
             return _result(args, EXIT_OPENED, msg, step=step, counter=counter, address=address)
+        if state is DoorState.BEHIND and not t.scheme.has_counter:
+            # This step's one sequence is used up (a scheme without counters):
+            # only the next step can open.
+            if retried_step:
+                return _result(
+                    args,
+                    EXIT_RESYNC,
+                    "the sequence of this step was used; gave up after the next step",
+                    step=step,
+                    counter=counter,
+                )
+            retried_step = True
+            time.sleep(max((step + 1) * t.scheme.step_length() - time.time() + 0.05, 0.0))
+            continue
         if state is DoorState.BEHIND:
             if attempts >= MAX_RESYNC:
                 return _result(
@@ -365,7 +401,16 @@ def cmd_knock(args: argparse.Namespace) -> int:
                 counter=counter,
             )
         retried_step = True
-        wait = (step + 1) * t.params.step_seconds - time.time() + 0.05
+        if not t.scheme.time_based:
+            return _result(
+                args,
+                EXIT_FAILED,
+                f"{address}:{t.port} did not open (HOTP "
+                "counter too far ahead, wrong secret, or a firewall between)",
+                step=step,
+                counter=counter,
+            )
+        wait = (step + 1) * t.scheme.step_length() - time.time() + 0.05
         time.sleep(max(wait, 0.0))
 
 

@@ -288,3 +288,25 @@ def test_secret_file_readable_by_others_is_refused(
     secret_file.chmod(0o644)
     proc = lab.client_cmd("knock", SERVER4, "--secret-file", str(secret_file), env=client_env)
     assert proc.returncode == 2 and "chmod 600" in proc.stderr
+
+
+def test_knockd_knock_client_opens_for_a_livingstone_user(lab: Lab, tmp_path: Path) -> None:
+    """Seed 001's setup: knockd's `knock` sending the two TOTP-derived ports."""
+    if shutil.which("knock") is None:
+        pytest.fail("knockd's knock client is not installed (apt-get install knockd)")
+    lab.start_service()
+    cfg = lab.write_config({})
+    users = lab.workdir / "users.toml"
+    users.write_text('[users.old]\nscheme = "livingstone"\nsecret = "GEZDGNBVGY3TQOJQ"\n')
+    lab.install_rules(cfg)
+    lab.start_daemon(cfg)
+    assert any(e["event"] == "config_warning" for e in lab.log_events())
+    away_from_boundary()
+    out = lab.nfknock(
+        "sequence", "--scheme", "livingstone", "--secret-base32", "GEZDGNBVGY3TQOJQ", "--json"
+    ).stdout
+    ports = json.loads(out)["ports"]
+    lab.sh(lab.client, "knock", "-d", "1", SERVER4, *map(str, ports))
+    assert lab.probe(SERVER4)["result"] == "open"
+    lab.sh(lab.client, "knock", "-d", "1", SERVER4, *map(str, ports))  # a replay
+    assert lab.probe(SERVER4)["result"] == "reset"
