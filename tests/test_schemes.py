@@ -210,7 +210,7 @@ def _client_ports(
     cfg.write_text(body)
     cfg.chmod(0o600)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp / "state"))
-    monkeypatch.setattr(client.time, "time", lambda: wall)
+    monkeypatch.setattr("time.time", lambda: wall)
     args = ["sequence", "--profile", "p", "--config", str(cfg), "--json"]
     if counter is not None:
         args += ["--counter", str(counter)]
