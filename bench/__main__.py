@@ -1,11 +1,21 @@
-"""``python -m bench``: nfknock's benchmarks.  See bench/README.md."""
+"""``python -m bench``: nfknock's benchmarks, one command, results in bench/results/.
+
+    sudo .venv/bin/python -m bench            # everything (about 15 minutes)
+    sudo .venv/bin/python -m bench --smoke    # tiny sizes: proves the harness runs (CI)
+    sudo .venv/bin/python -m bench engine     # the sans-IO engine only (no root needed)
+
+Writes bench/results/bench.json and bench/results/bench.md.  Every figure is
+measured in the same run as its baseline; see bench/README.md.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +31,6 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import os
-
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -31,24 +39,173 @@ def machine() -> dict[str, Any]:
     }
 
 
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {
+        "engine": {"user_counts": (1, 1000, 10000), "n": 200_000, "repeats": 3},
+        "throughput": {"user_counts": (1, 1000, 10000), "seconds": 3.0},
+        "latency": {"n": 2000},
+        "knock": {"runs": 100, "systems": ("nfknock", "knockd", "fwknop")},
+        "attack": {
+            "attempts": 50,
+            "fractions": {"50pct": 0.5, "100pct": 1.0},
+            "systems": ("nfknock", "knockd", "fwknop"),
+        },
+        "memory": {"sources": 1_000_000},
+    },
+    "smoke": {
+        "engine": {"user_counts": (1, 100), "n": 5_000, "repeats": 1},
+        "throughput": {"user_counts": (1,), "seconds": 1.0},
+        "latency": {"n": 50},
+        "knock": {"runs": 3, "systems": ("nfknock", "knockd")},
+        "attack": {"attempts": 3, "fractions": {"50pct": 0.5}, "systems": ("nfknock",)},
+        "memory": {"sources": 20_000},
+    },
+}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, "
+        f"Python {m['python']}{' (smoke sizes)' if res['smoke'] else ''}."
+    ]
+    if "engine" in res:
+        lines += ["", "#### Engine alone (sans-IO, no kernel)", "", engine.table(res["engine"])]
+    if "throughput" in res:
+        t = res["throughput"]
+        bare = t["bare_python"]
+        fixed = bare["at_fixed_rate"]["rate"]
+        lines += [
+            "",
+            "#### Verdict throughput (SYN flood to the knock range, spoofed sources)",
+            "",
+            f"Kernel DROP rule, no queue (the sender's ceiling): "
+            f"{t['kernel_drop']['handled_pps']:,} SYN/s.",
+            "",
+            "| consumer | zero-loss SYN/s | ratio | CPU per SYN at "
+            f"{fixed:,}/s: SYN per CPU-s | ratio | flat out: handled (lost) | "
+            "loss at 80% of flat-out |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+
+        def row_text(name: str, r: dict[str, Any], ratios: tuple[str, str]) -> str:
+            a80 = r["at_80pct_of_saturated"]
+            return (
+                f"| {name} | {r['zero_loss_pps']:,} | {ratios[0]} | "
+                f"{r['at_fixed_rate']['per_cpu_second']:,} | {ratios[1]} | "
+                f"{r['handled_pps']:,} ({r['lost']:,}) | {a80['lost']:,} of {a80['sent']:,} |"
+            )
+
+        lines.append(row_text("bare Python NFQUEUE loop, drop only", bare, ("1.00", "1.00")))
+        for key, r in t.items():
+            if key.startswith("nfknock_"):
+                users = key.split("_")[1]
+                lines.append(
+                    row_text(
+                        f"nfknock run, {users} user(s)",
+                        r,
+                        (f"{r['ratio_zero_loss']:.2f}", f"{r['ratio_cpu_per_packet']:.2f}"),
+                    )
+                )
+    if "latency" in res:
+        lat = res["latency"]
+        w, wo = lat["with_nfknock_us"], lat["without_queue_us"]
+        lines += [
+            "",
+            "#### connect() to the protected port (µs)",
+            "",
+            "| | median | p99 |",
+            "|---|---:|---:|",
+            f"| through nfknock (queued, ACCEPT) | {w['median']} | {w['p99']} |",
+            f"| no queue at all | {wo['median']} | {wo['p99']} |",
+            f"| overhead | {lat['median_overhead_us']} | {lat['p99_overhead_us']} |",
+        ]
+    if "knock_to_open" in res:
+        k = res["knock_to_open"]
+        lines += [
+            "",
+            "#### Knock to open: first knock to established connection (ms)",
+            "",
+            "| system | runs | median | p95 | failures |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for system in ("nfknock", "knockd", "fwknop"):
+            r = k.get(system)
+            if r and "median" in r:
+                lines.append(
+                    f"| {system} | {r['n']} | {r['median']} | {r['p95']} | {r['failures']} |"
+                )
+            elif r:
+                lines.append(f"| {system} | {r.get('skipped')} | | | |")
+    if "attack" in res:
+        lines += [
+            "",
+            "#### Legitimate knock-and-connect during a spoofed SYN flood",
+            "",
+            "| system, flood rate | SYN/s | success |",
+            "|---|---:|---:|",
+        ]
+        for key, r in res["attack"].items():
+            lines.append(
+                f"| {key} | {r['rate_pps']:,} | {r['success_rate']:.0%} of {r['attempts']} |"
+            )
+    if "memory" in res:
+        mem = res["memory"]
+        lines += [
+            "",
+            "#### Daemon memory",
+            "",
+            f"RSS {mem['rss_before_mib']} MiB before, {mem['rss_after_mib']} MiB after "
+            f"{mem['packets_sent']:,} SYNs from {mem['distinct_sources_sent']:,} distinct "
+            f"spoofed sources; tracked sources afterwards: {mem['tracked_sources_after']}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("what", nargs="?", default="engine", choices=["engine"])
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the bench runs")
-    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("what", nargs="?", default="all", choices=["all", "engine", "kernel"])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
-    out: dict[str, Any] = {"machine": machine(), "smoke": args.smoke}
-    md = [f"machine: {out['machine']}"]
-    if args.what == "engine":
-        sizes = {"user_counts": (1, 100), "n": 5_000, "repeats": 1} if args.smoke else {}
-        res = engine.run(**sizes)  # type: ignore[arg-type]
-        out["engine"] = res
-        md.append("\n### Engine alone (sans-IO, no kernel)\n")
-        md.append(engine.table(res))
+    sizes = SIZES["smoke" if args.smoke else "full"]
+    res: dict[str, Any] = {"machine": machine(), "smoke": args.smoke}
+    if args.what in ("all", "engine"):
+        res["engine"] = engine.run(**sizes["engine"])
+        print(engine.table(res["engine"]), flush=True)
+    if args.what in ("all", "kernel"):
+        from bench import kernel
+        from nfknock.netlab import can_run
+
+        why = can_run()
+        if why is not None:
+            print(f"bench: the kernel benchmarks cannot run here: {why}", file=sys.stderr)
+            return 1
+        with tempfile.TemporaryDirectory(prefix="nfknock-bench-") as tmp:
+            b = kernel.Bench(Path(tmp))
+            try:
+                print("== throughput", flush=True)
+                res["throughput"] = kernel.throughput(b, **sizes["throughput"])
+                print(json.dumps(res["throughput"]), flush=True)
+                print("== latency", flush=True)
+                res["latency"] = kernel.latency(b, **sizes["latency"])
+                print("== knock to open", flush=True)
+                res["knock_to_open"] = kernel.knock_to_open(b, **sizes["knock"])
+                print(json.dumps(res["knock_to_open"]), flush=True)
+                print("== under attack", flush=True)
+                top = res["throughput"]["nfknock_1_users"]["handled_pps"]
+                atk = sizes["attack"]
+                rates = {label: f * top for label, f in atk["fractions"].items()}
+                res["attack"] = kernel.under_attack(b, rates, atk["attempts"], atk["systems"])
+                print("== memory", flush=True)
+                res["memory"] = kernel.memory(b, **sizes["memory"])
+            finally:
+                b.close()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.what}.json").write_text(json.dumps(out, indent=1) + "\n")
-    (args.out / f"{args.what}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    (args.out / "bench.json").write_text(json.dumps(res, indent=1) + "\n")
+    text = markdown(res)
+    (args.out / "bench.md").write_text(text)
+    print(text)
     return 0
 
 

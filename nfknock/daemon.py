@@ -31,6 +31,8 @@ from nfknock.sdnotify import notify, watchdog_interval
 from nfknock.service import Service, queue_stats
 
 HOUSEKEEPING = 0.25
+# Kernel memory one queued SYN takes in the netlink socket (message + skb overhead).
+SOCKET_BYTES_PER_PACKET = 2048
 CONTROL_TIMEOUT = 1.0
 
 log = structlog.get_logger("nfknock")
@@ -67,7 +69,7 @@ class Daemon:
             except Exception:  # e.g. the verdict call failed: last resort is DROP
                 with contextlib.suppress(Exception):
                     pkt.drop()
-            if time.monotonic() >= self._next_housekeeping:
+            if self.service.now >= self._next_housekeeping:
                 self.housekeeping()
 
     # --- between packets ------------------------------------------------------
@@ -160,10 +162,18 @@ class Daemon:
         from netfilterqueue import NetfilterQueue
 
         cfg = self.service.cfg
-        restored = self.service.restore()
+        restored, clean = self.service.restore()
         nfq = NetfilterQueue()
         try:
-            nfq.bind(cfg.queue.number, self.handle, max_len=cfg.queue.max_len, range=COPY_RANGE)
+            nfq.bind(
+                cfg.queue.number,
+                self.handle,
+                max_len=cfg.queue.max_len,
+                range=COPY_RANGE,
+                # The netlink socket must hold a full queue, or the kernel drops
+                # messages before the queue is full ("user_dropped").
+                sock_len=cfg.queue.max_len * SOCKET_BYTES_PER_PACKET,
+            )
         except OSError as exc:
             log.error(
                 "queue_bind_failed",
@@ -188,6 +198,7 @@ class Daemon:
             protected=sorted(cfg.protected_ports),
             knock_range=f"{cfg.knock.port_min}-{cfg.knock.port_max}",
             restored=restored,
+            previous_exit="clean" if clean else "unclean: live grants were not restored",
         )
         for warning in cfg.warnings:
             log.warning("config_warning", detail=warning)
@@ -213,7 +224,7 @@ class Daemon:
             # (no --queue-bypass): fail closed.
             nfq.unbind()
             with contextlib.suppress(OSError):
-                self.service.save()
+                self.service.save(clean=True)
             if self._control is not None:
                 self._control.close()
                 with contextlib.suppress(OSError):

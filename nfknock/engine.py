@@ -407,12 +407,17 @@ class Engine:
 
         ``src`` and ``dst`` are packed addresses (4 or 16 bytes, same family).
         """
+        return self.decide_key(src + dst, port, wall, mono)
+
+    def decide_key(self, key: bytes, port: int, wall: float, mono: float) -> Decision:
+        """:meth:`decide` with source and destination already joined (the parser
+        slices them out of the IP header in one piece)."""
         if not self._step_start <= wall < self._step_end:
             self._roll(wall)
         if port in self._protect:
-            return self._protected(src, dst, port, mono)
+            half = len(key) // 2
+            return self._protected(key[:half], key[half:], port, mono)
         if self._is_knock[port]:
-            key = src + dst
             source = self._sources.get(key)
             if source is None:
                 # The fast paths.  A knock from an untracked source that begins no
@@ -485,8 +490,9 @@ class Engine:
                                 "stray budget spent",
                             )
                         )
-                    source.progress.clear()
-                    source.strays = 0
+                    # Forget the source entirely: it returns to the fast path, and
+                    # only a new pair of fitting knocks can track it again.
+                    del self._sources[key]
         return Decision(Verdict.DROP, tuple(events)) if events else DROP_SILENT
 
     def _continue(

@@ -35,6 +35,16 @@ class MalformedPacket(Exception):
 
 def parse_syn(data: bytes) -> tuple[bytes, bytes, int]:
     """Return (packed src, packed dst, destination port) of a TCP SYN."""
+    key, port = parse_key(data)
+    half = len(key) // 2
+    return key[:half], key[half:], port
+
+
+def parse_key(data: bytes) -> tuple[bytes, int]:
+    """Return (packed src + packed dst, destination port) of a TCP SYN.
+
+    The hot path: both headers keep source and destination adjacent (IPv4 bytes
+    12-19, IPv6 bytes 8-39), so the engine's table key is a single slice."""
     if not data:
         raise MalformedPacket("empty")
     version = data[0] >> 4
@@ -49,7 +59,7 @@ def parse_syn(data: bytes) -> tuple[bytes, bytes, int]:
         # flags+fragment offset: MF set or a non-zero offset means a fragment.
         if (data[6] & 0x3F) or data[7]:
             raise MalformedPacket("fragment")
-        src, dst, off = data[12:16], data[16:20], ihl
+        key, off = data[12:20], ihl
     elif version == 6:
         if len(data) < 40:
             raise MalformedPacket("truncated")
@@ -74,9 +84,9 @@ def parse_syn(data: bytes) -> tuple[bytes, bytes, int]:
             raise MalformedPacket("extension-chain")
         if len(data) < off + 14:
             raise MalformedPacket("truncated")
-        src, dst = data[8:24], data[24:40]
+        key = data[8:40]
     else:
         raise MalformedPacket("not-ip")
     if data[off + 13] & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN:
         raise MalformedPacket("not-a-syn")
-    return src, dst, (data[off + 2] << 8) | data[off + 3]
+    return key, (data[off + 2] << 8) | data[off + 3]

@@ -18,16 +18,14 @@ from nfknock.engine import Engine, EngineSettings
 from nfknock.events import Event, EventKind, Verdict
 from nfknock.fileio import StateError, load_json, save_json
 from nfknock.logs import EventLogger
-from nfknock.packet import MalformedPacket, parse_syn
+from nfknock.packet import MalformedPacket, parse_key
 
-# Events after which the persisted state (counters, grants) is out of date.
-STATE_CHANGES = frozenset(
-    {
-        EventKind.SEQUENCE_COMPLETED,
-        EventKind.PROTECTED_ACCEPT,
-        EventKind.GRANT_REVOKED,
-    }
-)
+# Events after which the persisted state is out of date.  A used counter is saved
+# before the knock that used it is answered (replay protection across kill -9); a
+# spent connection of a grant is saved at the next housekeeping (at most a quarter
+# of a second later: a crash in between can leave one connection more in a grant).
+SAVE_NOW = frozenset({EventKind.SEQUENCE_COMPLETED, EventKind.GRANT_REVOKED})
+SAVE_SOON = frozenset({EventKind.PROTECTED_ACCEPT})
 
 
 class Service:
@@ -44,27 +42,41 @@ class Service:
         self.mono = mono
         self.engine = Engine(EngineSettings.from_config(cfg), cfg.users, wall())
         self.verdicts = [0, 0, 0]  # indexed by Verdict
+        self.dirty = False  # state to save at the next tick
+        self.now = mono()  # the monotonic time of the latest packet
+        self.wall_offset = wall() - self.now
         self.malformed = 0
         self.errors = 0
         self.started = wall()
 
     # --- state ---------------------------------------------------------------
 
-    def restore(self) -> int:
-        """Load the state file; a corrupt one is fatal (raises StateError): without
-        the counters a sniffed sequence could be replayed."""
+    def restore(self) -> tuple[int, bool]:
+        """Load the state file: (entries restored, whether the last run ended
+        cleanly).  Counters always come back.  Grants come back only after a clean
+        exit: their spent connections are saved lazily, so after a crash a grant
+        could hold one connection too many -- it is dropped instead (fail closed;
+        established connections are not affected, the client knocks again).  A
+        corrupt file is fatal (StateError): without the counters a sniffed sequence
+        could be replayed."""
         data = load_json(self.cfg.state_path)
         if data is None:
-            return 0
+            return 0, True
         if not isinstance(data, dict):
             raise StateError(f"{self.cfg.state_path}: not a JSON object")
+        clean = data.get("clean") is True
+        if not clean:
+            data = {**data, "grants": []}
         try:
-            return self.engine.restore_state(data, self.wall(), self.mono())
+            return self.engine.restore_state(data, self.wall(), self.mono()), clean
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"{self.cfg.state_path}: unusable state ({exc})") from None
 
-    def save(self) -> None:
-        save_json(self.cfg.state_path, self.engine.export_state(self.wall(), self.mono()))
+    def save(self, clean: bool = False) -> None:
+        """Write counters and grants; ``clean`` only at an orderly exit."""
+        state = self.engine.export_state(self.wall(), self.mono())
+        save_json(self.cfg.state_path, {**state, "clean": clean})
+        self.dirty = False
 
     # --- packets -------------------------------------------------------------
 
@@ -72,8 +84,11 @@ class Service:
         """The verdict for one queued packet.  Never raises: anything unexpected is
         DROP plus an event (fail closed)."""
         try:
-            src, dst, port = parse_syn(payload)
-            decision = self.engine.decide(src, dst, port, self.wall(), self.mono())
+            # One clock read a packet: wall time follows the monotonic clock, the
+            # offset re-read at every tick (a clock step shows within 0.25 s).
+            mono = self.now = self.mono()
+            key, port = parse_key(payload)
+            decision = self.engine.decide_key(key, port, mono + self.wall_offset, mono)
             if decision.events:
                 self._handle_events(decision.events)
             self.verdicts[decision.verdict] += 1
@@ -95,11 +110,12 @@ class Service:
         self._log(Event(EventKind.INTERNAL_ERROR, _src_of(payload), reason=reason))
 
     def _handle_events(self, events: Iterable[Event]) -> None:
-        dirty = False
+        now = False
         for event in events:
             self._log(event)
-            dirty = dirty or event.kind in STATE_CHANGES
-        if dirty:
+            now = now or event.kind in SAVE_NOW
+            self.dirty = self.dirty or event.kind in SAVE_SOON
+        if now:
             # Synchronously, before the verdict: a counter that was used must be on
             # disk before anyone can rely on the grant (kill -9 safe).
             self.save()
@@ -113,9 +129,12 @@ class Service:
     # --- housekeeping ----------------------------------------------------------
 
     def tick(self) -> None:
+        self.wall_offset = self.wall() - self.mono()
         events = self.engine.tick(self.wall(), self.mono())
         if events:
             self._handle_events(events)
+        if self.dirty:
+            self.save()
         self.events.flush_suppressed()
 
     def reload(self) -> str:

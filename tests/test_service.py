@@ -79,7 +79,7 @@ def test_a_bug_in_the_engine_still_gets_drop_and_an_error_event(tmp_path: Path) 
     def boom(*_: object) -> None:
         raise RuntimeError("bug")
 
-    svc.engine.decide = boom  # type: ignore[method-assign,assignment]
+    svc.engine.decide_key = boom  # type: ignore[method-assign,assignment]
     with capture_logs() as logs:
         assert svc.verdict_for(syn(22)) is Verdict.DROP
     assert logs[0]["event"] == "internal_error" and "RuntimeError" in logs[0]["reason"]
@@ -257,3 +257,20 @@ def test_queue_stats_reads_the_proc_line(tmp_path: Path) -> None:
         "last_id": 99,
     }
     assert queue_stats(5, proc) == {}
+
+
+def test_grants_survive_a_clean_exit_but_not_a_crash(tmp_path: Path) -> None:
+    svc, clock = service(tmp_path, extra="[door]\nmax_connections = 3\n")
+    knock(svc, clock)
+    assert svc.verdict_for(syn(22)) is Verdict.ACCEPT  # two connections left
+    crashed = Service(svc.cfg, EventLogger(), clock.wall, lambda: 9.0)
+    assert crashed.restore()[1] is False
+    assert crashed.verdict_for(syn(22)) is Verdict.DROP  # the grant was not restored
+    svc.save(clean=True)
+    restarted = Service(svc.cfg, EventLogger(), clock.wall, lambda: 9.0)
+    assert restarted.restore()[1] is True
+    assert [restarted.verdict_for(syn(22)) for _ in range(3)] == [
+        Verdict.ACCEPT,
+        Verdict.ACCEPT,
+        Verdict.DROP,
+    ]

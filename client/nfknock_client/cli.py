@@ -236,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument(
                 "--raw", action="store_true", help="single SYNs from a raw socket (root)"
             )
-            s.add_argument("--pace-ms", type=float, default=0.5, help="gap between knocks")
+            s.add_argument("--pace-ms", type=float, default=0.2, help="gap between knocks (ms)")
             s.add_argument("--timeout", type=float, default=3.0, help="door check timeout (s)")
             mode = s.add_mutually_exclusive_group()
             mode.add_argument(

@@ -204,18 +204,14 @@ class Lab:
     def install_rules(self, config: Path) -> None:
         self.nfknock("rules", "--install", "--config", str(config))
 
-    def start_daemon(self, config: Path, wait: float = 15) -> subprocess.Popen[bytes]:
+    def start_daemon(
+        self, config: Path, wait: float = 15, cpu: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``nfknock run`` (pinned to ``cpu`` if given) and wait for "started"."""
         start = self.daemon_log.stat().st_size if self.daemon_log.exists() else 0
-        proc = self.spawn(
-            self.daemon_ns,
-            PY,
-            "-m",
-            "nfknock.cli",
-            "run",
-            "--config",
-            str(config),
-            log=self.daemon_log,
-        )
+        pin = ["taskset", "-c", cpu] if cpu is not None else []
+        argv = [*pin, PY, "-m", "nfknock.cli", "run", "--config", str(config)]
+        proc = self.spawn(self.daemon_ns, *argv, log=self.daemon_log)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if proc.poll() is not None:

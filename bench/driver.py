@@ -1,0 +1,107 @@
+"""Runs in the client namespace: knock-and-connect timings, one run per "go" line.
+
+The benchmark writes a line to stdin for each run (after resetting the server
+side where needed) and reads one JSON line back:
+{"ok": bool, "ms": float}  -- ms from the first knock packet to an established
+connection to the protected port.  Systems:
+
+* ``nfknock``: the client library in-process (knocks via connect(), then connect;
+  a reset means "behind": advance the counter and knock again, as nfknock-client);
+* ``knockd``: knockd's own ``knock`` client with the same 32 ports, then connect;
+* ``fwknop``: ``fwknop`` (SPA, HMAC), then connect.
+
+Connecting: a new non-blocking connect() every 2 ms, all kept open, until one is
+established or ``--timeout``: a SYN the filter drops costs nothing, and the first
+SYN the filter lets through completes however long its verdict took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import resource
+import select
+import socket
+import subprocess
+import sys
+import time
+
+from nfknock.schemes import make_scheme, step_for
+from nfknock.sequence import parse_base32
+from nfknock_client.knock import send_connect_knocks
+
+ATTEMPT_EVERY = 0.002
+
+
+def connect_until(address: str, port: int, deadline: float) -> str:
+    """ "open", "reset" (a TCP reset: behind) or "timeout"."""
+    pending: list[socket.socket] = []
+    poller = select.poll()
+    by_fd: dict[int, socket.socket] = {}
+    try:
+        while time.perf_counter() < deadline:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect_ex((address, port))
+            pending.append(s)
+            by_fd[s.fileno()] = s
+            poller.register(s, select.POLLOUT)
+            for fd, _ev in poller.poll(ATTEMPT_EVERY * 1000):
+                err = by_fd[fd].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err == 0:
+                    return "open"
+                if err == errno.ECONNREFUSED:
+                    return "reset"
+                poller.unregister(fd)
+        return "timeout"
+    finally:
+        for s in pending:
+            s.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("system", choices=["nfknock", "knockd", "fwknop"])
+    ap.add_argument("address")
+    ap.add_argument("--port", type=int, default=22)
+    ap.add_argument("--secret-base32", default="")
+    ap.add_argument("--static-ports", default="", help="knockd: P,P,...")
+    ap.add_argument("--fwknop-args", default="", help="fwknop: its command line")
+    ap.add_argument("--timeout", type=float, default=3.0)
+    ap.add_argument("--pace-ms", type=float, default=0.2, help="nfknock-client's default")
+    args = ap.parse_args()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    scheme = make_scheme("v1", exclude=frozenset({args.port}))
+    secret = parse_base32(args.secret_base32) if args.secret_base32 else b""
+    counters: dict[int, int] = {}
+    for _line in sys.stdin:
+        t0 = time.perf_counter()
+        deadline = t0 + args.timeout
+        if args.system == "nfknock":
+            result = "reset"
+            for _ in range(8):  # the client's resync bound
+                step = step_for(scheme, time.time())
+                counter = counters.get(step, 0)
+                ports = scheme.derive(secret, step, counter)
+                send_connect_knocks(socket.AF_INET, args.address, ports, args.pace_ms / 1000)
+                counters[step] = counter + 1
+                result = connect_until(args.address, args.port, deadline)
+                if result != "reset":
+                    break
+        elif args.system == "knockd":
+            subprocess.run(["knock", args.address, *args.static_ports.split(",")], check=True)
+            result = connect_until(args.address, args.port, deadline)
+        else:
+            subprocess.run(args.fwknop_args.split(), check=True, capture_output=True)
+            result = connect_until(args.address, args.port, deadline)
+        ms = (time.perf_counter() - t0) * 1000
+        print(
+            json.dumps({"ok": result == "open", "ms": round(ms, 3), "result": result}), flush=True
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
