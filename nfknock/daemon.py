@@ -54,8 +54,8 @@ class Daemon:
     def handle(self, pkt: Any) -> None:
         verdict = Verdict.DROP
         try:
-            verdict = self.service.verdict_for(pkt.get_payload())
-        except Exception as exc:  # verdict_for never raises; get_payload might
+            verdict = self.service.decide_packet(pkt.get_payload())
+        except Exception as exc:  # decide_packet never raises; get_payload might
             self.service.internal_error(exc, b"")
         finally:
             try:
@@ -69,6 +69,10 @@ class Daemon:
             except Exception:  # e.g. the verdict call failed: last resort is DROP
                 with contextlib.suppress(Exception):
                     pkt.drop()
+            try:
+                self.service.settle()  # after the verdict: logging costs it no latency
+            except Exception as exc:  # e.g. the state file could not be written
+                self.service.internal_error(exc, b"")
             if self.service.now >= self._next_housekeeping:
                 self.housekeeping()
 

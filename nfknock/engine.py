@@ -7,16 +7,22 @@ queue: SYNs to the knock range and SYNs to the protected ports.  It never reads 
 clock: every call gets ``wall`` (Unix time, for TOTP steps) and ``mono`` (monotonic
 time, for expiry).  It never logs: it returns :class:`~nfknock.events.Event` values.
 
-*Candidates.*  For every enabled user, every step ``T-s .. T+s`` (``skew_steps`` s)
-and every counter ``next(user, step) - stale_counters .. next(user, step)``, the
-engine holds the expected knock sequence (a :class:`Candidate`).  The counter
-``next`` is *current*; lower counters are *stale*.  A start index maps each port to
-the candidates that have it in one of their first ``reorder_window + 1`` positions:
-only such a knock can create state, so random traffic creates (almost) none, and the
-per-packet cost depends on the port density, not on a loop over users.  Candidates
-are rebuilt when the step changes (the next step's sequences are derived ahead of
-time by :meth:`Engine.tick`, a bounded chunk per call) and extended when a counter
-advances.
+*Candidates.*  For every enabled user, every step ``T-s .. T+s`` (``skew_steps`` s;
+HOTP schemes have one pseudo-step, :data:`HOTP_STEP`) and every counter
+``next(user, step) - stale_counters .. next(user, step) + lookahead``, the engine
+holds the expected knock sequence (a :class:`Candidate`) of the user's scheme.
+Counters ``>= next`` are *current*; lower ones are *stale*.  Candidates are rebuilt
+when the step changes (the next step's sequences are derived ahead of time by
+:meth:`Engine.tick`, a bounded chunk per call) and refreshed when a counter moves.
+
+*Starting.*  The *near* index maps each port to the candidates that have it among
+their first ``W + 2`` positions (``W`` = ``reorder_window``).  One knock never
+creates per-source state -- with many users almost every port is near some
+candidate.  Instead the last few near knocks of each source sit in a fixed-size,
+direct-mapped table of machine words (no allocation per packet), and a candidate
+starts when two of its near ports arrive from one source in an order the window
+allows.  So random traffic creates no per-source objects, and the per-packet cost
+depends on the port density of the candidates, not on a loop over users.
 
 *Sources.*  Progress is tracked per (source address, destination address) -- a
 "source" below.  Each source has, per candidate it has started, ``next`` (the first
@@ -36,8 +42,10 @@ a knock at position ``p`` of a candidate the source has started:
     ===========================  ====================================================
 
 A knock that advances or duplicates nothing and starts nothing is *stray*; past
-``stray_budget`` strays the source's progress resets (fail closed).  Anything the
-tables do not cover ends in DROP.
+``stray_budget`` strays the source is forgotten with its progress (fail closed).
+Sequences may repeat a port (compatibility schemes): a knock takes the first
+position holding its port that is not received yet.  Anything the tables do not
+cover ends in DROP.
 
 *Protected ports.*  A SYN to a protected port is ACCEPTed when a live grant of that
 source covers (destination, port) and still has connections left (one is spent),
@@ -52,7 +60,6 @@ counters all have limits from the configuration.
 from __future__ import annotations
 
 import ipaddress
-import math
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -67,8 +74,9 @@ from nfknock.sequence import SequenceParams, step_of
 # The "step" of schemes that count HOTP counters instead of time (kommen).
 HOTP_STEP = -1
 # Unmatched knocks remembered per source for starting a candidate (see _start_pair).
-_RECENT = 4
+_RECENT = 3  # ports kept per slot: 16 bits each in a signed 64-bit word
 _RECENT_MASK = (1 << (16 * _RECENT)) - 1
+_SLOT = 3  # words per slot of the recent table
 
 DROP_PROTECTED = Decision(Verdict.DROP)
 
@@ -181,10 +189,13 @@ class Engine:
         size = 1 << max(10, min(18, (settings.max_sources - 1).bit_length()))
         # Flat arrays, not lists of objects: a flood of new sources costs three
         # stores of machine words and no allocation (see _start_pair).
+        # Interleaved per slot -- [hash of the source, time in ms, up to three ports
+        # of 16 bits] -- so a packet touches one cache line, not three.
         self._recent_mask = size - 1
-        self._recent_hash = array("q", bytes(8 * size))
-        self._recent_ports = array("Q", bytes(8 * size))  # up to 4 ports, 16 bits each
-        self._recent_time = array("d", [-math.inf]) * size
+        self._recent = array("q", bytes(8 * _SLOT * size))
+        self._timeout_ms = int(settings.sequence_timeout * 1000)
+        # One byte per port: is it near some candidate?  64 KiB, stays in cache.
+        self._near_map = bytearray(65536)
         self._next_cid = 1
         self._sources: OrderedDict[bytes, Source] = OrderedDict()
         self._grants: OrderedDict[bytes, dict[str, Grant]] = OrderedDict()
@@ -193,7 +204,6 @@ class Engine:
         self._ahead: dict[tuple[str, int, int], array[int]] = {}
         self._set_step(wall)
         self._protect = settings.protect
-        self._timeout = settings.sequence_timeout
         self._v1 = V1(settings.params)
         self._set_users_quiet(users)
         self._rebuild()
@@ -299,6 +309,7 @@ class Engine:
         for key in sorted(wanted - self._by_key.keys()):
             self._add_candidate(*key, index=False)
         self._near = {}
+        self._near_map = bytearray(65536)
         for cand in self._candidates.values():
             self._index(cand)
         # Time-step counters older than the window can never matter again.
@@ -337,10 +348,12 @@ class Engine:
                 near.pop(cid, None)
                 if not near:
                     del self._near[port]
+                    self._near_map[port] = 0
 
     def _index(self, cand: Candidate) -> None:
         # A bitmask of positions: some schemes repeat a port within a sequence.
         for pos, port in enumerate(cand.ports[: self.s.reorder_window + 2]):
+            self._near_map[port] = 1
             near = self._near.setdefault(port, {})
             near[cand.cid] = near.get(cand.cid, 0) | (1 << pos)
 
@@ -424,14 +437,16 @@ class Engine:
                 # candidate changes nothing; one that does is remembered in its
                 # source's slot (see _start_pair), unless the slot already holds an
                 # earlier knock of that source to pair it with.
-                if port not in self._near:
+                if not self._near_map[port]:
                     return DROP_SILENT
                 h = hash(key)
-                slot = h & self._recent_mask
-                if self._recent_hash[slot] != h or (mono - self._recent_time[slot] > self._timeout):
-                    self._recent_hash[slot] = h
-                    self._recent_ports[slot] = port
-                    self._recent_time[slot] = mono
+                i = (h & self._recent_mask) * _SLOT
+                recent = self._recent
+                ms = int(mono * 1000)
+                if recent[i] != h or ms - recent[i + 1] > self._timeout_ms:
+                    recent[i] = h
+                    recent[i + 1] = ms
+                    recent[i + 2] = port
                     return DROP_SILENT
             return self._knock(key, source, port, mono)
         return DROP_SILENT
@@ -471,7 +486,7 @@ class Engine:
         if source is not None:
             self._sources.move_to_end(key)
             matched = self._continue(key, source, port, mono, events)
-        if not matched and port in self._near:
+        if not matched and self._near_map[port]:
             matched = self._start_pair(key, source, port, mono, events)
             source = self._sources.get(key)
         if source is not None:
@@ -540,11 +555,13 @@ class Engine:
         between its first two knocks; the chance is (flood rate x gap) / slots.
         """
         h = hash(key)
-        slot = h & self._recent_mask
+        i = (h & self._recent_mask) * _SLOT
+        recent = self._recent
+        ms = int(mono * 1000)
         here = self._near[port]
         started = False
-        if self._recent_hash[slot] == h and mono - self._recent_time[slot] <= self._timeout:
-            packed = self._recent_ports[slot]
+        if recent[i] == h and ms - recent[i + 1] <= self._timeout_ms:
+            packed = recent[i + 2]
             window = self.s.reorder_window
             while packed:
                 earlier, packed = packed & 0xFFFF, packed >> 16
@@ -569,11 +586,11 @@ class Engine:
                     self._start(source, self._candidates[cid], first, second, mono, key, events)
                     started = True
             # Keep the newest _RECENT knocks (ports are never 0, so 0 means empty).
-            self._recent_ports[slot] = ((self._recent_ports[slot] << 16) | port) & _RECENT_MASK
+            recent[i + 2] = ((recent[i + 2] << 16) | port) & _RECENT_MASK
         else:
-            self._recent_hash[slot] = h
-            self._recent_ports[slot] = port
-            self._recent_time[slot] = mono
+            recent[i] = h
+            recent[i + 1] = ms
+            recent[i + 2] = port
         return started
 
     def _progress_event(self, key: bytes, cand: Candidate, port: int, nxt: int) -> Event:

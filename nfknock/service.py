@@ -43,6 +43,7 @@ class Service:
         self.engine = Engine(EngineSettings.from_config(cfg), cfg.users, wall())
         self.verdicts = [0, 0, 0]  # indexed by Verdict
         self.dirty = False  # state to save at the next tick
+        self.pending: tuple[Event, ...] = ()  # events of the latest decision
         self.now = mono()  # the monotonic time of the latest packet
         self.wall_offset = wall() - self.now
         self.malformed = 0
@@ -81,8 +82,17 @@ class Service:
     # --- packets -------------------------------------------------------------
 
     def verdict_for(self, payload: bytes) -> Verdict:
-        """The verdict for one queued packet.  Never raises: anything unexpected is
-        DROP plus an event (fail closed)."""
+        """The verdict for one queued packet, its events handled.  Never raises."""
+        verdict = self.decide_packet(payload)
+        self.settle()
+        return verdict
+
+    def decide_packet(self, payload: bytes) -> Verdict:
+        """The verdict for one queued packet; its events wait for :meth:`settle`,
+        which the daemon calls right after giving the verdict (logging and saving
+        stay off the verdict's latency; a used counter is still on disk before the
+        next packet -- and so before any grant it opened is used).  Never raises:
+        anything unexpected is DROP plus an event (fail closed)."""
         try:
             # One clock read a packet: wall time follows the monotonic clock, the
             # offset re-read at every tick (a clock step shows within 0.25 s).
@@ -90,7 +100,7 @@ class Service:
             key, port = parse_key(payload)
             decision = self.engine.decide_key(key, port, mono + self.wall_offset, mono)
             if decision.events:
-                self._handle_events(decision.events)
+                self.pending = decision.events
             self.verdicts[decision.verdict] += 1
             return decision.verdict
         except MalformedPacket as exc:
@@ -100,6 +110,12 @@ class Service:
             self.internal_error(exc, payload)
         self.verdicts[Verdict.DROP] += 1
         return Verdict.DROP
+
+    def settle(self) -> None:
+        """Log (and, where needed, save) the events of the latest decision."""
+        if self.pending:
+            events, self.pending = self.pending, ()
+            self._handle_events(events)
 
     def verdict_counts(self) -> dict[str, int]:
         return {v.name.lower(): self.verdicts[v] for v in Verdict}

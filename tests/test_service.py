@@ -85,7 +85,7 @@ def test_a_bug_in_the_engine_still_gets_drop_and_an_error_event(tmp_path: Path) 
     assert logs[0]["event"] == "internal_error" and "RuntimeError" in logs[0]["reason"]
 
 
-def test_counter_is_on_disk_before_the_completing_knock_is_answered(tmp_path: Path) -> None:
+def test_counter_is_on_disk_before_the_next_packet_is_decided(tmp_path: Path) -> None:
     svc, clock = service(tmp_path)
     knock(svc, clock)
     state = json.loads((tmp_path / "state.json").read_text())
@@ -227,7 +227,7 @@ def test_callback_gives_drop_when_reading_the_payload_fails(tmp_path: Path) -> N
 
 def test_callback_falls_back_to_drop_when_the_verdict_call_fails(tmp_path: Path) -> None:
     d = _daemon(tmp_path)
-    d.service.verdict_for = lambda _p: Verdict.ACCEPT  # type: ignore[method-assign,assignment]
+    d.service.decide_packet = lambda _p: Verdict.ACCEPT  # type: ignore[method-assign,assignment]
     pkt = FakePacket(syn(22), fail_verdict=True)
     d.handle(pkt)
     assert pkt.verdicts == ["drop"]
@@ -235,7 +235,7 @@ def test_callback_falls_back_to_drop_when_the_verdict_call_fails(tmp_path: Path)
 
 def test_reject_is_the_mark_plus_repeat(tmp_path: Path) -> None:
     d = _daemon(tmp_path)
-    d.service.verdict_for = lambda _p: Verdict.REJECT  # type: ignore[method-assign,assignment]
+    d.service.decide_packet = lambda _p: Verdict.REJECT  # type: ignore[method-assign,assignment]
     pkt = FakePacket(syn(22))
     d.handle(pkt)
     assert pkt.verdicts == ["repeat"] and pkt.mark == 0x4E4B0001

@@ -310,3 +310,22 @@ def test_knockd_knock_client_opens_for_a_livingstone_user(lab: Lab, tmp_path: Pa
     assert lab.probe(SERVER4)["result"] == "open"
     lab.sh(lab.client, "knock", "-d", "1", SERVER4, *map(str, ports))  # a replay
     assert lab.probe(SERVER4)["result"] == "reset"
+
+
+def test_exec_runs_the_command_once_knocked_and_returns_its_status(
+    lab: Lab, secret_file: Path, client_env: dict[str, str]
+) -> None:
+    setup(lab)
+    away_from_boundary()
+    proc = lab.client_cmd(
+        "knock",
+        SERVER4,
+        "--secret-file",
+        str(secret_file),
+        "--exec",
+        f"{PY} -m nfknock.netlab.probe {SERVER4} 22; exit 7",
+        env=client_env,
+    )
+    assert proc.returncode == 7
+    assert json.loads(proc.stdout)["result"] == "open"
+    assert "door not checked" in proc.stderr

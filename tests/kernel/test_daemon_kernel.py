@@ -373,3 +373,20 @@ def test_sigterm_exits_cleanly_and_saves_state(lab: Lab) -> None:
     state = json.loads((lab.workdir / "state.json").read_text())
     step = step_of(time.time(), 30)
     assert any(c["next"] == 1 and abs(c["step"] - step) <= 1 for c in state["counters"])
+
+
+def test_daemon_tells_systemd_it_is_ready_and_alive(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
+        srv.bind(str(path))
+        srv.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setenv("WATCHDOG_USEC", "400000")  # ping every 0.2 s
+        setup(lab)
+        messages = {srv.recv(256).decode() for _ in range(3)}
+    assert any(m.startswith("READY=1") for m in messages)
+    assert "WATCHDOG=1" in messages
