@@ -138,8 +138,15 @@ class Bench:
         for line in text.splitlines():
             f = line.split()
             if f and f[0] == "0":
-                return {"dropped": int(f[5]) + int(f[6]), "seen": int(f[7]), "waiting": int(f[2])}
-        return {"dropped": 0, "seen": 0, "waiting": 0}
+                # queue_dropped: the queue was full (no id given); user_dropped: the
+                # netlink socket was full (after the id was given).
+                return {
+                    "queue_dropped": int(f[5]),
+                    "user_dropped": int(f[6]),
+                    "seen": int(f[7]),
+                    "waiting": int(f[2]),
+                }
+        return {"queue_dropped": 0, "user_dropped": 0, "seen": 0, "waiting": 0}
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the consumer under test."""
@@ -254,6 +261,13 @@ def _close(drv: subprocess.Popen[str]) -> None:
 # --- 1. verdict throughput ------------------------------------------------------------
 
 
+def _lost_handled(before: dict[str, int], after: dict[str, int]) -> tuple[int, int]:
+    """(packets lost, packets given a verdict) between two readings of the queue."""
+    qd = after["queue_dropped"] - before["queue_dropped"]
+    ud = after["user_dropped"] - before["user_dropped"]
+    return qd + ud, after["seen"] - before["seen"] - ud
+
+
 def saturate(b: Bench, seconds: float) -> dict[str, Any]:
     """Flood as fast as the sender can: what the consumer handled per second, what
     was lost, and what it handled per second of its own CPU time (its capacity on
@@ -262,8 +276,7 @@ def saturate(b: Bench, seconds: float) -> dict[str, Any]:
     sent = b.flood(0, seconds)
     time.sleep(0.3)
     after, cpu1 = b.queue(), b.cpu_seconds()
-    dropped = after["dropped"] - before["dropped"]
-    handled = after["seen"] - before["seen"] - dropped
+    dropped, handled = _lost_handled(before, after)
     return {
         "sent_pps": round(sent["pps"]),
         "handled_pps": round(handled / sent["seconds"]),
@@ -279,8 +292,7 @@ def paced(b: Bench, rate: float, seconds: float) -> dict[str, Any]:
     sent = b.flood(rate, seconds)
     time.sleep(0.3)
     after, cpu1 = b.queue(), b.cpu_seconds()
-    lost = after["dropped"] - before["dropped"]
-    handled = after["seen"] - before["seen"] - lost
+    lost, handled = _lost_handled(before, after)
     return {
         "rate": round(rate),
         "sent": sent["sent"],

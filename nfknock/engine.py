@@ -566,8 +566,8 @@ class Engine:
             while packed:
                 earlier, packed = packed & 0xFFFF, packed >> 16
                 there = self._near.get(earlier)
-                if there is None:
-                    continue
+                if there is None or here.keys().isdisjoint(there):
+                    continue  # the usual case, decided without allocating a set
                 for cid in there.keys() & here.keys():
                     # Position bitmasks.  The first-arrived knock must lie within the
                     # window of position 0; the second within the window of what the

@@ -31,7 +31,7 @@ def main() -> None:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     s.bind(("::", args.port))
-    s.listen(64)
+    s.listen(1024)
     s.settimeout(1.0)
     deadline = time.monotonic() + args.lifetime
     print("listening", flush=True)
