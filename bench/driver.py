@@ -77,6 +77,10 @@ def main() -> int:
     secret = parse_base32(args.secret_base32) if args.secret_base32 else b""
     counters: dict[int, int] = {}
     for _line in sys.stdin:
+        # The door must be closed before the run, or the run proves nothing.
+        if connect_until(args.address, args.port, time.perf_counter() + 0.05) == "open":
+            print(json.dumps({"ok": False, "ms": 0.0, "result": "already-open"}), flush=True)
+            continue
         t0 = time.perf_counter()
         deadline = t0 + args.timeout
         if args.system == "nfknock":

@@ -137,10 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = args.handler if hasattr(args, "handler") else COMMANDS[args.command]
     try:
         return int(handler(args))
-    except UsageError as exc:
-        print(f"nfknock {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ConfigError as exc:
+    except (UsageError, ConfigError) as exc:
         print(f"nfknock {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

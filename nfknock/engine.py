@@ -183,14 +183,14 @@ class Engine:
         self._counters: dict[tuple[str, int], int] = {}
         self._candidates: dict[int, Candidate] = {}
         self._by_key: dict[tuple[str, int, int], int] = {}
-        # port -> {candidate id: position} for the first W + 2 positions: the only
-        # knocks that can begin a candidate.
+        # port -> {candidate id: bitmask of its positions among the first W + 2}:
+        # the only knocks that can begin a candidate.
         self._near: dict[int, dict[int, int]] = {}
         size = 1 << max(10, min(18, (settings.max_sources - 1).bit_length()))
-        # Flat arrays, not lists of objects: a flood of new sources costs three
-        # stores of machine words and no allocation (see _start_pair).
-        # Interleaved per slot -- [hash of the source, time in ms, up to three ports
-        # of 16 bits] -- so a packet touches one cache line, not three.
+        # The recent-knock table (see _start_pair): one flat array of machine words,
+        # so a flood of new sources allocates nothing; interleaved per slot -- [hash
+        # of the source, time in ms, up to three ports of 16 bits] -- so a packet
+        # touches one cache line.
         self._recent_mask = size - 1
         self._recent = array("q", bytes(8 * _SLOT * size))
         self._timeout_ms = int(settings.sequence_timeout * 1000)
@@ -226,12 +226,13 @@ class Engine:
             name for name, u in self._users.items() if u.enabled
         }
         for name, u in self._users.items():
-            if name in old and old[name].secret != u.secret:
+            if name in old and (old[name].secret, old[name].scheme) != (u.secret, u.scheme):
                 ended.add(name)  # rekeyed: old sequences and counters are void
                 for counter_key in [k for k in self._counters if k[0] == name]:
                     del self._counters[counter_key]
                 for cand_key in [k for k in self._by_key if k[0] == name]:
                     del self._candidates[self._by_key.pop(cand_key)]
+        self._seed_hotp_counters()
         events = self._end_grants(ended, "user revoked or disabled")
         self._rebuild()
         return events
@@ -245,15 +246,20 @@ class Engine:
         for u in self._users.values():
             if u.enabled:
                 ranges += self._scheme(u).knock_ranges()
-            if not self._scheme(u).time_based:
-                key = (u.name, HOTP_STEP)
-                self._counters[key] = max(self._counters.get(key, 0), u.initial_counter)
+        self._seed_hotp_counters()
         is_knock = bytearray(65536)
         for lo, hi in merge_ranges(ranges):
             is_knock[lo : hi + 1] = b"\x01" * (hi - lo + 1)
         for port in self.s.protect:
             is_knock[port] = 0
         self._is_knock = bytes(is_knock)
+
+    def _seed_hotp_counters(self) -> None:
+        """HOTP users start at their configured counter (never below one used)."""
+        for u in self._users.values():
+            if not self._scheme(u).time_based:
+                key = (u.name, HOTP_STEP)
+                self._counters[key] = max(self._counters.get(key, 0), u.initial_counter)
 
     def _end_grants(self, names: set[str], reason: str) -> list[Event]:
         events: list[Event] = []

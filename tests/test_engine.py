@@ -380,3 +380,14 @@ def test_random_knocks_from_many_sources_create_little_state() -> None:
         engine.decide(src, SERVER, rng.randint(1024, 33791), clock.wall, clock.mono)
     # One user, 3 steps, 5 start positions: about 15/32768 of random knocks start.
     assert engine.tracked_sources() < 100
+
+
+def test_changing_a_users_scheme_voids_the_old_sequences() -> None:
+    from nfknock.schemes import make_scheme
+
+    engine, clock = make()
+    old = seq(engine, alice(), clock.wall)
+    events = engine.set_users([alice(scheme=make_scheme("totp-knockd-rs"))], clock.mono)
+    assert events == []
+    knock_all(engine, clock, old)
+    assert syn(engine, clock) is Verdict.DROP
