@@ -76,6 +76,8 @@ HOTP_STEP = -1
 # Unmatched knocks remembered per source for starting a candidate (see _start_pair).
 _RECENT = 3  # ports kept per slot: 16 bits each in a signed 64-bit word
 _RECENT_MASK = (1 << (16 * _RECENT)) - 1
+_TRIES_SHIFT = 16 * _RECENT  # the slot word's top bits count failed start attempts
+_TRIES_CAP = (1 << (63 - _TRIES_SHIFT)) - 1
 _SLOT = 3  # words per slot of the recent table
 
 DROP_PROTECTED = Decision(Verdict.DROP)
@@ -454,6 +456,8 @@ class Engine:
                     recent[i + 1] = ms
                     recent[i + 2] = port
                     return DROP_SILENT
+                if recent[i + 2] >> _TRIES_SHIFT > self.s.stray_budget:
+                    return DROP_SILENT  # this source spent its stray budget: ignored
             return self._knock(key, source, port, mono)
         return DROP_SILENT
 
@@ -567,7 +571,8 @@ class Engine:
         here = self._near[port]
         started = False
         if recent[i] == h and ms - recent[i + 1] <= self._timeout_ms:
-            packed = recent[i + 2]
+            word = recent[i + 2]
+            packed = word & _RECENT_MASK
             window = self.s.reorder_window
             while packed:
                 earlier, packed = packed & 0xFFFF, packed >> 16
@@ -591,8 +596,12 @@ class Engine:
                         continue
                     self._start(source, self._candidates[cid], first, second, mono, key, events)
                     started = True
-            # Keep the newest _RECENT knocks (ports are never 0, so 0 means empty).
-            recent[i + 2] = ((recent[i + 2] << 16) | port) & _RECENT_MASK
+            # Keep the newest _RECENT knocks (ports are never 0, so 0 means empty) and
+            # count the attempts that started nothing: past the stray budget the
+            # source's knocks are ignored until its slot expires, so a flood from a
+            # few addresses costs what a flood from new ones does.
+            tries = min((word >> _TRIES_SHIFT) + (not started), _TRIES_CAP)
+            recent[i + 2] = (tries << _TRIES_SHIFT) | (((word << 16) | port) & _RECENT_MASK)
         else:
             recent[i] = h
             recent[i + 1] = ms

@@ -331,7 +331,7 @@ def test_starting_needs_two_knocks_of_one_candidate_from_one_source() -> None:
 
 def test_progress_per_source_is_bounded() -> None:
     users = [alice(name=f"u{i}", secret=bytes([i]) * 32) for i in range(40)]
-    engine, clock = make(users=users, max_progress_per_source=4)
+    engine, clock = make(users=users, max_progress_per_source=4, stray_budget=1000)
     for u in users:
         knock_all(engine, clock, seq(engine, u, clock.wall)[:2])
     source = engine._sources[CLIENT + SERVER]
@@ -391,3 +391,16 @@ def test_changing_a_users_scheme_voids_the_old_sequences() -> None:
     assert events == []
     knock_all(engine, clock, old)
     assert syn(engine, clock) is Verdict.DROP
+
+
+def test_an_untracked_source_past_its_stray_budget_is_ignored_until_its_slot_expires() -> None:
+    users = [alice(name=f"u{i}", secret=(i + 1).to_bytes(2, "big") * 16) for i in range(300)]
+    engine, clock = make(users=users, stray_budget=3)
+    mine = set(seq(engine, users[0], clock.wall))
+    near = [p for p in range(1024, 33792) if engine._near_map[p] and p not in mine]
+    knock_all(engine, clock, near[:200], gap=0.0001)  # a sweep of near ports, one source
+    knock_all(engine, clock, seq(engine, users[0], clock.wall), gap=0.0001)
+    assert syn(engine, clock) is Verdict.DROP  # ignored while the budget is spent
+    clock.advance(engine.s.sequence_timeout + 0.1)
+    knock_all(engine, clock, seq(engine, users[0], clock.wall))
+    assert syn(engine, clock) is Verdict.ACCEPT
