@@ -97,6 +97,8 @@ class Bench:
     def start_nfknock(self, users: int = 1, **door: Any) -> Path:
         self.stop_filter()
         self.reset_firewall()
+        # A fresh daemon per phase: no counters or grants carried over from the last.
+        (self.workdir / "state.json").unlink(missing_ok=True)
         cfg = self.nfknock_config(users, **door)
         self.lab.install_rules(cfg)
         self.filter = self.lab.start_daemon(cfg, wait=120, cpu=FILTER_CPU)
