@@ -106,17 +106,16 @@ def main() -> None:
         + b"\x06\x05"
         + bytes(6),
     }
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
-        for name, pkt in packets4.items():
+    send_all(socket.AF_INET, args.dst4, packets4)
+    send_all(socket.AF_INET6, args.dst6, packets6)
+
+
+def send_all(family: int, dst: str, packets: dict[str, bytes]) -> None:
+    """Each packet once from a raw socket that takes whole IP packets; prints names."""
+    with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
+        for name, pkt in packets.items():
             try:
-                s.sendto(pkt, (args.dst4, 0))
-                print(name, flush=True)
-            except OSError as exc:
-                print(f"{name}: not sent ({exc.strerror})", flush=True)
-    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
-        for name, pkt in packets6.items():
-            try:
-                s.sendto(pkt, (args.dst6, 0))
+                s.sendto(pkt, (dst, 0))
                 print(name, flush=True)
             except OSError as exc:
                 print(f"{name}: not sent ({exc.strerror})", flush=True)
