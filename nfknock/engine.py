@@ -11,9 +11,12 @@ time, for expiry).  It never logs: it returns :class:`~nfknock.events.Event` val
 HOTP schemes have one pseudo-step, :data:`HOTP_STEP`) and every counter
 ``next(user, step) - stale_counters .. next(user, step) + lookahead``, the engine
 holds the expected knock sequence (a :class:`Candidate`) of the user's scheme.
-Counters ``>= next`` are *current*; lower ones are *stale*.  Candidates are rebuilt
-when the step changes (the next step's sequences are derived ahead of time by
-:meth:`Engine.tick`, a bounded chunk per call) and refreshed when a counter moves.
+Counters ``>= next`` are *current*; lower ones are *stale*.  A step change costs the
+packet path almost nothing: :meth:`Engine.tick` derives and indexes the next step's
+candidates ahead of time, a bounded chunk per call (*staged*: indexed but not live
+until their step enters the window), and afterwards unindexes those of the step that
+left (*retiring*: no longer live) the same way.  Candidates are refreshed when a
+counter moves.
 
 *Starting.*  The *near* index maps each port to the candidates that have it among
 their first ``W + 2`` positions (``W`` = ``reorder_window``).  One knock never
@@ -202,8 +205,12 @@ class Engine:
         self._sources: OrderedDict[bytes, Source] = OrderedDict()
         self._grants: OrderedDict[bytes, dict[str, Grant]] = OrderedDict()
         self._behind: OrderedDict[bytes, float] = OrderedDict()
-        # Sequences derived ahead of a step change: (user, step, counter) -> ports.
-        self._ahead: dict[tuple[str, int, int], array[int]] = {}
+        # Step changes are spread over tick() calls: the next step's candidates are
+        # derived and indexed ahead (staged, not live until their step enters the
+        # window), and those of the step that left are unindexed afterwards.
+        self._stage_step: int | None = None
+        self._stage_todo: list[str] = []
+        self._retiring: list[tuple[str, int, int]] = []
         self._set_step(wall)
         self._protect = settings.protect
         self._v1 = V1(settings.params)
@@ -241,7 +248,7 @@ class Engine:
 
     def _set_users_quiet(self, users: Iterable[User]) -> None:
         self._users = {u.name: u for u in users}
-        self._ahead.clear()
+        self._stage_step = None  # restage: users may have come or gone
         # Which destination ports are knocks: the union of the schemes' ranges,
         # never a protected port.  A byte per port: one index on the packet path.
         ranges = self._v1.knock_ranges()
@@ -298,13 +305,12 @@ class Engine:
         return range(max(0, self._step - skew), self._step + skew + 1)
 
     def _derive(self, user: User, step: int, counter: int) -> array[int]:
-        cached = self._ahead.pop((user.name, step, counter), None)
-        if cached is not None:
-            return cached
         return array("H", self._scheme(user).derive(user.secret, step, counter))
 
     def _rebuild(self) -> None:
-        """Make the candidate set exactly the wanted one; rebuild the start index."""
+        """Make the candidate set exactly the wanted one (keeping what is staged for
+        the coming step); rebuild the start index.  Cost: every candidate -- used
+        when users or the clock change, not at an ordinary step change (_advance)."""
         wanted = {
             (u.name, t, c)
             for u in self._users.values()
@@ -312,8 +318,13 @@ class Engine:
             for t in self._steps(u)
             for c in self._wanted_counters(u, t)
         }
+        staged = self._live_hi + 1
         for key in [k for k in self._by_key if k not in wanted]:
+            user = self._users.get(key[0])
+            if key[1] == staged and user is not None and user.enabled:
+                continue
             del self._candidates[self._by_key.pop(key)]
+        self._retiring.clear()
         for key in sorted(wanted - self._by_key.keys()):
             self._add_candidate(*key, index=False)
         self._near = {}
@@ -324,7 +335,27 @@ class Engine:
         oldest = self._step - self.s.skew_steps
         for counter_key in [k for k in self._counters if HOTP_STEP < k[1] < oldest]:
             del self._counters[counter_key]
-        self._ahead = {k: v for k, v in self._ahead.items() if k[1] > self._step}
+
+    def _advance(self) -> None:
+        """The window moved one step: its new last step goes live (its candidates
+        were normally staged by tick() already), its old first step is retired
+        (unindexed a chunk at a time by tick(); until then it is not live).  Costs a
+        scan of the candidate keys, not a rebuild of the index."""
+        hi, lo = self._live_hi, self._live_lo
+        for user in self._users.values():
+            if user.enabled and self._scheme(user).time_based:
+                for counter in self._wanted_counters(user, hi):
+                    if (user.name, hi, counter) not in self._by_key:
+                        self._add_candidate(user.name, hi, counter)
+        self._retiring.extend(k for k in self._by_key if HOTP_STEP < k[1] < lo)
+        for counter_key in [k for k in self._counters if HOTP_STEP < k[1] < lo]:
+            del self._counters[counter_key]
+
+    def _live(self, cand: Candidate) -> bool:
+        """Is the candidate's step inside the window (staged and retiring ones
+        are indexed but not live)?"""
+        step = cand.step
+        return step == HOTP_STEP or self._live_lo <= step <= self._live_hi
 
     def _add_candidate(self, user: str, step: int, counter: int, *, index: bool = True) -> None:
         cand = Candidate(
@@ -366,43 +397,61 @@ class Engine:
             near[cand.cid] = near.get(cand.cid, 0) | (1 << pos)
 
     def _roll(self, wall: float) -> None:
+        old = self._step
         self._set_step(wall)
-        self._rebuild()
+        if self._step == old + 1:
+            self._advance()
+        else:  # a clock step (forwards or back): start over
+            self._rebuild()
 
     def _set_step(self, wall: float) -> None:
         length = self.s.params.step_seconds
         self._step = step_of(wall, length)
         self._step_start = self._step * length
         self._step_end = self._step_start + length
+        self._live_lo = max(0, self._step - self.s.skew_steps)
+        self._live_hi = self._step + self.s.skew_steps
 
     # --- time ------------------------------------------------------------------
 
     def tick(self, wall: float, mono: float, budget: int = 256) -> list[Event]:
-        """Housekeeping between packets: step change, expiry, deriving ahead.
+        """Housekeeping between packets: step change, expiry, staging the next
+        step's candidates and retiring the last one's.
 
-        ``budget`` bounds the sequences derived ahead in one call, so the caller's
-        packet loop never stalls for long.  Call it a few times a second.
+        ``budget`` bounds the candidates staged and the candidates retired in one
+        call, so the caller's packet loop never stalls for long.  Call it a few
+        times a second.
         """
         if not self._step_start <= wall < self._step_end:
             self._roll(wall)
         events = self._expire(mono)
+        retire = budget
+        while retire > 0 and self._retiring:
+            self._remove_candidate(*self._retiring.pop())
+            retire -= 1
         step_len = self.s.params.step_seconds
-        upcoming = self._step + self.s.skew_steps + 1
-        if (self._step + 1) * step_len - wall <= max(2.0, step_len / 3):
-            for user in self._users.values():
-                if budget <= 0:
-                    break
-                key = (user.name, upcoming, 0)
-                if (
-                    user.enabled
-                    and self._scheme(user).time_based
-                    and key not in self._ahead
-                    and key not in self._by_key
-                ):
-                    scheme = self._scheme(user)
-                    self._ahead[key] = array("H", scheme.derive(user.secret, upcoming, 0))
-                    budget -= 1
+        if self._step_end - wall <= max(2.0, step_len / 3):
+            self._stage(budget)
         return events
+
+    def _stage(self, budget: int) -> None:
+        """Derive and index up to ``budget`` candidates of the step that enters the
+        window at the next step change."""
+        upcoming = self._live_hi + 1
+        if self._stage_step != upcoming:
+            self._stage_step = upcoming
+            self._stage_todo = [
+                u.name for u in self._users.values() if u.enabled and self._scheme(u).time_based
+            ]
+        todo = self._stage_todo
+        while budget > 0 and todo:
+            user = self._users.get(todo.pop())
+            if user is None or not user.enabled:
+                continue
+            for counter in self._wanted_counters(user, upcoming):
+                if (user.name, upcoming, counter) not in self._by_key:
+                    self._add_candidate(user.name, upcoming, counter)
+                    budget -= 1
 
     def _expire(self, mono: float) -> list[Event]:
         events: list[Event] = []
@@ -528,7 +577,11 @@ class Engine:
         window = self.s.reorder_window
         for cid, prog in list(source.progress.items()):
             cand = self._candidates.get(cid)
-            if cand is None or mono - prog.started > self.s.sequence_timeout:
+            if (
+                cand is None
+                or not self._live(cand)
+                or mono - prog.started > self.s.sequence_timeout
+            ):
                 del source.progress[cid]  # step rolled past it, user gone, or too slow
                 continue
             ports = cand.ports
@@ -590,11 +643,14 @@ class Engine:
                     second = (rest & -rest).bit_length() - 1
                     if first > window or second < 0 or second > (first == 0) + window:
                         continue
+                    cand = self._candidates[cid]
+                    if not self._live(cand):
+                        continue  # staged for the next step, or retiring
                     if source is None:
                         source = self._new_source(key, mono, events)
                     if cid in source.progress:
                         continue
-                    self._start(source, self._candidates[cid], first, second, mono, key, events)
+                    self._start(source, cand, first, second, mono, key, events)
                     started = True
             # Keep the newest _RECENT knocks (ports are never 0, so 0 means empty) and
             # count the attempts that started nothing: past the stray budget the

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import random
+from array import array
 
+import pytest
+
+from nfknock.config import User
 from nfknock.engine import Engine
 from nfknock.events import EventKind, Verdict
 
@@ -362,13 +366,84 @@ def test_restore_skips_unknown_users_and_expired_grants() -> None:
     assert fresh.counters() == {}
 
 
-def test_tick_derives_the_next_step_ahead_of_time() -> None:
+def test_tick_stages_the_next_step_so_the_step_change_derives_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     clock = Clock(wall=1_700_000_035.0)  # 5 s before a step boundary
-    engine, _ = make(clock=clock)
+    engine, _ = make(users=[alice(), bob()], clock=clock)
+    engine.tick(clock.wall, clock.mono)  # stages step T+2 for both users
+    derived: list[int] = []
+    real = engine._derive
+
+    def counting(user: User, step: int, counter: int) -> array[int]:
+        derived.append(step)
+        return real(user, step, counter)
+
+    monkeypatch.setattr(engine, "_derive", counting)
+    clock.advance(10)  # into the next step
     engine.tick(clock.wall, clock.mono)
-    assert engine._ahead
-    clock.advance(10)
+    assert derived == []
     knock_all(engine, clock, seq(engine, alice(), clock.wall + 30))
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_a_staged_sequence_does_not_open_before_its_step_enters_the_window() -> None:
+    clock = Clock(wall=1_700_000_035.0)
+    engine, _ = make(clock=clock)
+    engine.tick(clock.wall, clock.mono)  # T+2 is indexed now, but beyond the skew
+    knock_all(engine, clock, seq(engine, alice(), clock.wall + 60))
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_the_step_that_left_the_window_never_opens_even_before_it_is_unindexed() -> None:
+    clock = Clock(wall=1_700_000_035.0)
+    engine, _ = make(clock=clock)
+    old = seq(engine, alice(), clock.wall - 30)  # T-1: fine now, gone after the change
+    clock.advance(10)
+    engine.tick(clock.wall, clock.mono, budget=0)  # the change, nothing retired yet
+    assert engine._retiring
+    knock_all(engine, clock, old)
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_progress_on_a_step_that_leaves_the_window_is_discarded() -> None:
+    clock = Clock(wall=1_700_000_039.0)  # 1 s before a step boundary
+    engine, _ = make(clock=clock)
+    old = seq(engine, alice(), clock.wall - 30)
+    knock_all(engine, clock, old[:16])
+    clock.advance(2)  # T-1 leaves the window halfway through the sequence
+    engine.tick(clock.wall, clock.mono, budget=0)
+    knock_all(engine, clock, old[16:])
+    assert syn(engine, clock) is Verdict.DROP
+
+
+def test_retired_candidates_leave_the_start_index_within_a_few_ticks() -> None:
+    clock = Clock(wall=1_700_000_035.0)
+    engine, _ = make(users=[alice(), bob()], clock=clock)
+    for _ in range(3):
+        engine.tick(clock.wall, clock.mono)
+    before = len(engine._candidates)
+    clock.advance(10)
+    for _ in range(3):
+        engine.tick(clock.wall, clock.mono, budget=1)
+    assert not engine._retiring
+    assert {c.step for c in engine._candidates.values()} == set(
+        range(engine.step - 1, engine.step + 2)
+    )
+    assert len(engine._candidates) == before - 2
+    indexed = {cid for near in engine._near.values() for cid in near}
+    assert indexed == set(engine._candidates)
+
+
+def test_a_clock_jump_rebuilds_the_window() -> None:
+    engine, clock = make()
+    clock.advance(3600)
+    engine.tick(clock.wall, clock.mono)
+    assert {c.step for c in engine._candidates.values()} == set(
+        range(engine.step - 1, engine.step + 2)
+    )
+    clock.advance(-7200)
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
     assert syn(engine, clock) is Verdict.ACCEPT
 
 

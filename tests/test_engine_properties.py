@@ -112,10 +112,18 @@ def test_any_input_sequence_leaves_the_engine_consistent(script: list[tuple[str,
             engine.set_users([alice(), bob()][: n % 3], clock.mono)
         # invariants
         assert engine.tracked_sources() <= 32
+        retiring = set(engine._retiring)
+        skew = engine.s.skew_steps
         for cid, cand in engine._candidates.items():
-            assert engine._by_key[(cand.user, cand.step, cand.counter)] == cid
+            key = (cand.user, cand.step, cand.counter)
+            assert engine._by_key[key] == cid
             assert engine.users[cand.user].enabled
-            assert abs(cand.step - engine.step) <= engine.s.skew_steps
+            # live, staged for the next step, or waiting to be unindexed
+            assert -skew <= cand.step - engine.step <= skew + 1 or key in retiring
+        for user in engine.users.values():  # every live candidate is there
+            for step in range(engine.step - skew, engine.step + skew + 1):
+                for counter in engine._wanted_counters(user, step):
+                    assert not user.enabled or (user.name, step, counter) in engine._by_key
         for port, near in engine._near.items():
             for cid, positions in near.items():
                 assert positions and positions < 1 << (engine.s.reorder_window + 2)
