@@ -6,6 +6,11 @@ Workloads (each a pre-generated list of SYNs, replayed through ``decide``):
 * ``one-source``: random knocks from a single source (a sweep);
 * ``protected``: SYNs to the protected port from random sources (a scan).
 
+And the longest pause of the packet loop around a step change: ``tick()`` called four
+times a second from 12 s before a step boundary to 5 s after it (what the daemon
+does), against a full rebuild of the candidate index in the same run (what a step
+change cost before it was spread over ticks).
+
 The baseline, measured in the same run, is a call of a Python function with the
 same five arguments that returns a constant: the floor of any Python engine.
 """
@@ -57,6 +62,22 @@ def baseline(src: bytes, dst: bytes, port: int, wall: float, mono: float) -> Dec
     return DROP_SILENT
 
 
+def step_change_pause(users: int) -> dict[str, float]:
+    """Longest single tick() across a step change, and a full rebuild, in ms."""
+    wall = 1_700_000_018.0  # 12 s before a step boundary
+    engine = engine_for(users, wall)
+    mono = 1000.0
+    worst = 0.0
+    for i in range(4 * 17):
+        t0 = time.perf_counter()
+        engine.tick(wall + i / 4, mono + i / 4)
+        worst = max(worst, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    engine._rebuild()  # the baseline: the whole index at once
+    rebuild = time.perf_counter() - t0
+    return {"worst_tick_ms": round(worst * 1000, 2), "full_rebuild_ms": round(rebuild * 1000, 2)}
+
+
 def run(
     user_counts: tuple[int, ...] = (1, 1000, 10000), n: int = 200_000, repeats: int = 3
 ) -> dict[str, Any]:
@@ -75,6 +96,7 @@ def run(
             best = max(rate(engine.decide, loads[kind], wall) for _ in range(repeats))
             row[kind] = {"decisions_per_s": round(best), "ratio_to_baseline": round(best / base, 3)}
         row["tracked_sources_after"] = engine.tracked_sources()
+        row["step_change"] = step_change_pause(users)
         results["users"][str(users)] = row
     first, last = str(user_counts[0]), str(user_counts[-1])
     results["flatness_random"] = round(
@@ -100,4 +122,12 @@ def table(results: dict[str, Any]) -> str:
         f"\nbare Python call (baseline): {results['baseline_calls_per_s']:,}/s; "
         f"random-flood rate at the most users / at 1 user: {results['flatness_random']}"
     )
+    lines += [
+        "",
+        "| users | longest tick() around a step change (ms) | full index rebuild (ms) |",
+        "|---:|---:|---:|",
+    ]
+    for users, row in results["users"].items():
+        sc = row["step_change"]
+        lines.append(f"| {users} | {sc['worst_tick_ms']} | {sc['full_rebuild_ms']} |")
     return "\n".join(lines)
