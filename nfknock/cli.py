@@ -26,7 +26,6 @@ from nfknock.sequence import (
 )
 
 EXIT_OK = 0
-EXIT_FAILURE = 1
 EXIT_USAGE = 2
 DEFAULT_CONFIG = "/etc/nfknock/nfknock.toml"
 

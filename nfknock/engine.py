@@ -83,8 +83,6 @@ _TRIES_SHIFT = 16 * _RECENT  # the slot word's top bits count failed start attem
 _TRIES_CAP = (1 << (63 - _TRIES_SHIFT)) - 1
 _SLOT = 3  # words per slot of the recent table
 
-DROP_PROTECTED = Decision(Verdict.DROP)
-
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -321,7 +319,12 @@ class Engine:
         staged = self._live_hi + 1
         for key in [k for k in self._by_key if k not in wanted]:
             user = self._users.get(key[0])
-            if key[1] == staged and user is not None and user.enabled:
+            if (
+                key[1] == staged
+                and user is not None
+                and user.enabled
+                and key[2] in self._wanted_counters(user, staged)
+            ):
                 continue
             del self._candidates[self._by_key.pop(key)]
         self._retiring.clear()
@@ -367,14 +370,16 @@ class Engine:
         if index:
             self._index(cand)
 
-    def _refresh(self, user: User, step: int) -> None:
-        """Candidates of one (user, step) after its counter moved."""
-        wanted = set(self._wanted_counters(user, step))
-        have = {c for (u, t, c) in self._by_key if u == user.name and t == step}
-        for counter in sorted(wanted - have):
-            self._add_candidate(user.name, step, counter)
-        for counter in have - wanted:
-            self._remove_candidate(user.name, step, counter)
+    def _refresh(self, user: User, step: int, had: range) -> None:
+        """Candidates of one (user, step) after its counter moved: ``had`` is what
+        :meth:`_wanted_counters` gave before (the candidates that exist)."""
+        wanted = self._wanted_counters(user, step)
+        for counter in wanted:
+            if counter not in had:
+                self._add_candidate(user.name, step, counter)
+        for counter in had:
+            if counter not in wanted:
+                self._remove_candidate(user.name, step, counter)
 
     def _remove_candidate(self, user: str, step: int, counter: int) -> None:
         cid = self._by_key.pop((user, step, counter), None)
@@ -485,8 +490,7 @@ class Engine:
         if not self._step_start <= wall < self._step_end:
             self._roll(wall)
         if port in self._protect:
-            half = len(key) // 2
-            return self._protected(key[:half], key[half:], port, mono)
+            return self._protected(key, port, mono)
         if self._is_knock[port]:
             source = self._sources.get(key)
             if source is None:
@@ -510,9 +514,9 @@ class Engine:
             return self._knock(key, source, port, mono)
         return DROP_SILENT
 
-    def _protected(self, src: bytes, dst: bytes, port: int, mono: float) -> Decision:
+    def _protected(self, key: bytes, port: int, mono: float) -> Decision:
         dests = self.s.protect[port]
-        key = src + dst
+        src, dst = _split(key)
         if dests is None or dst in dests:
             grants = self._grants.get(key)
             if grants:
@@ -557,8 +561,7 @@ class Engine:
                         events.append(
                             Event(
                                 EventKind.PROGRESS_RESET,
-                                key[: len(key) // 2],
-                                key[len(key) // 2 :],
+                                *_split(key),
                                 None,
                                 port,
                                 "stray budget spent",
@@ -665,11 +668,9 @@ class Engine:
         return started
 
     def _progress_event(self, key: bytes, cand: Candidate, port: int, nxt: int) -> Event:
-        half = len(key) // 2
         return Event(
             EventKind.KNOCK_PROGRESS,
-            key[:half],
-            key[half:],
+            *_split(key),
             cand.user,
             port,
             f"{nxt}/{len(cand.ports)}",
@@ -680,12 +681,10 @@ class Engine:
         self._sources[key] = source
         if len(self._sources) > self.s.max_sources:
             old_key, _ = self._sources.popitem(last=False)
-            half = len(old_key) // 2
             events.append(
                 Event(
                     EventKind.SOURCE_EVICTED,
-                    old_key[:half],
-                    old_key[half:],
+                    *_split(old_key),
                     None,
                     None,
                     "source table full",
@@ -742,9 +741,10 @@ class Engine:
             ]
         # Current (or within the look-ahead): the counter moves past it; the
         # candidates follow (the next counters in, the oldest stale ones out).
+        had = self._wanted_counters(user, cand.step)
         self._counters[(cand.user, cand.step)] = cand.counter + 1
-        self._refresh(user, cand.step)
-        ports = self._grant_ports(user, key[len(key) // 2 :])
+        self._refresh(user, cand.step, had)
+        ports = self._grant_ports(user, dst)
         events = [
             Event(
                 EventKind.SEQUENCE_COMPLETED,

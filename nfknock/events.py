@@ -20,7 +20,6 @@ class EventKind(enum.Enum):
     SEQUENCE_STALE = "sequence_stale"
     PROGRESS_RESET = "progress_reset"
     GRANT_OPENED = "grant_opened"
-    GRANT_USED = "grant_used"
     GRANT_EXPIRED = "grant_expired"
     GRANT_REVOKED = "grant_revoked"
     PROTECTED_ACCEPT = "protected_accept"

@@ -87,9 +87,6 @@ class SequenceParams:
     def width(self) -> int:
         return (self.span - 1).bit_length()
 
-    def contains(self, port: int) -> bool:
-        return self.port_min <= port <= self.port_max
-
 
 def step_of(unix_time: float, step_seconds: int = DEFAULT_STEP) -> int:
     """The TOTP time step T = floor(t / X)."""

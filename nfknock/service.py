@@ -2,7 +2,9 @@
 
 :class:`Service` owns the engine, the configuration, the state file and the event
 log.  The NFQUEUE adapter (:mod:`nfknock.daemon`) hands it each packet through
-:meth:`Service.verdict_for` and applies the answer; tests drive it directly.
+:meth:`Service.decide_packet`, applies the answer, then calls :meth:`Service.settle`;
+:meth:`Service.verdict_for` does both at once (for callers without a verdict to give
+in between, such as the tests).
 """
 
 from __future__ import annotations

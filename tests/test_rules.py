@@ -49,6 +49,14 @@ def _config(text: str) -> Config:
     return parse_config(Path("/etc/nfknock/nfknock.toml"), tomllib.loads(text), load_users=False)
 
 
+# (file suffix, renderer) of every text ruleset format.
+RENDERERS = [
+    ("iptables", lambda c: render_iptables(c, 4)),
+    ("ip6tables", lambda c: render_iptables(c, 6)),
+    ("nft", render_nftables),
+]
+
+
 def _golden(name: str, text: str, where: Path = GOLDEN) -> None:
     path = where / name
     if UPDATE:
@@ -56,17 +64,10 @@ def _golden(name: str, text: str, where: Path = GOLDEN) -> None:
     assert path.read_text() == text, f"{path} differs; NFKNOCK_UPDATE_GOLDEN=1 regenerates it"
 
 
-@pytest.mark.parametrize(
-    ("name", "render"),
-    [
-        ("gateway.iptables", lambda c: render_iptables(c, 4)),
-        ("gateway.ip6tables", lambda c: render_iptables(c, 6)),
-        ("gateway.nft", render_nftables),
-    ],
-)
-def test_gateway_ruleset_matches_golden(name: str, render: object) -> None:
+@pytest.mark.parametrize(("suffix", "render"), RENDERERS)
+def test_gateway_ruleset_matches_golden(suffix: str, render: object) -> None:
     assert callable(render)
-    _golden(name, render(_config(GATEWAY_CONFIG)))
+    _golden(f"gateway.{suffix}", render(_config(GATEWAY_CONFIG)))
 
 
 def _default() -> Config:
@@ -79,17 +80,10 @@ def _default() -> Config:
     return _config(text)
 
 
-@pytest.mark.parametrize(
-    ("name", "render"),
-    [
-        ("nfknock.iptables", lambda c: render_iptables(c, 4)),
-        ("nfknock.ip6tables", lambda c: render_iptables(c, 6)),
-        ("nfknock.nft", render_nftables),
-    ],
-)
-def test_shipped_rules_match_the_default_config(name: str, render: object) -> None:
+@pytest.mark.parametrize(("suffix", "render"), RENDERERS)
+def test_shipped_rules_match_the_default_config(suffix: str, render: object) -> None:
     assert callable(render)
-    _golden(name, render(_default()), SHIPPED)
+    _golden(f"nfknock.{suffix}", render(_default()), SHIPPED)
 
 
 def _order(text: str, *needles: str) -> list[int]:

@@ -286,20 +286,14 @@ def _saved(lab: Lab, tool: str) -> str:
 
 
 def test_rules_install_and_remove_leave_foreign_rules_identical(lab: Lab) -> None:
-    subprocess.run(
-        ["ip", "netns", "exec", lab.server, "iptables-restore"],
-        input=FOREIGN_V4,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    subprocess.run(
-        ["ip", "netns", "exec", lab.server, "ip6tables-restore"],
-        input=FOREIGN_V6,
-        text=True,
-        check=True,
-        timeout=30,
-    )
+    for tool, foreign in (("iptables-restore", FOREIGN_V4), ("ip6tables-restore", FOREIGN_V6)):
+        subprocess.run(
+            ["ip", "netns", "exec", lab.server, tool],
+            input=foreign,
+            text=True,
+            check=True,
+            timeout=30,
+        )
     before4, before6 = _saved(lab, "iptables-save"), _saved(lab, "ip6tables-save")
     cfg = lab.write_config(
         {"alice": SECRET},
