@@ -56,9 +56,23 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class QueueConfig:
+    """The kernel queues.  ``number``: the priority queue (new SYNs to protected
+    ports, SPA packets, door ports): answered first, never batched.  ``knock_number``:
+    the knock range (DROP verdicts batched, ``batch`` at a time).  With ``workers``
+    > 1 each is a range of that many queues (``--queue-balance``)."""
+
     number: int = 0
+    knock_number: int = 1
     max_len: int = 8192
     reject_mark: int = DEFAULT_REJECT_MARK
+    batch: int = 64
+    workers: int = 1
+
+    def priority_queues(self) -> range:
+        return range(self.number, self.number + self.workers)
+
+    def knock_queues(self) -> range:
+        return range(self.knock_number, self.knock_number + self.workers)
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,21 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class SpaConfig:
+    """Single Packet Authorization (fwknop's wire format).  ``ports`` empty: off
+    (no SPA rules are rendered).  Rates are the static rules' limits on the SPA
+    ports, before the queue: per source address and for all sources together."""
+
+    ports: frozenset[int] = frozenset({62201})
+    max_age: int = 120  # seconds, both directions
+    max_open_seconds: int = 300  # a client's timeout is honoured up to this
+    rate_per_source: int = 4  # packets per second per source address
+    rate_burst: int = 8  # packets a source may send at once
+    rate_global: int = 500  # packets per second from all sources
+    replay_cache: int = 65536  # authenticated payload digests remembered
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"  # auto | json | console
@@ -133,6 +162,7 @@ class Config:
     log: LogConfig
     users: tuple[User, ...]
     warnings: tuple[str, ...] = ()
+    spa: SpaConfig = SpaConfig()
 
     @property
     def protected_ports(self) -> frozenset[int]:
@@ -283,6 +313,46 @@ def _allow(table: _Table) -> Allow:
     return Allow(network=network, ports=table.ports("ports") or frozenset())
 
 
+def _queue(q: _Table) -> QueueConfig:
+    number = q.int_in("number", 0, 0, 65535)
+    workers = q.int_in("workers", 1, 1, 64)
+    default_knock = number + workers if number + 2 * workers <= 65536 else 0
+    knock_number = q.int_in("knock_number", default_knock, 0, 65535)
+    if knock_number + workers > 65536 or number + workers > 65536:
+        raise q.error("workers", f"{workers} queues from {number}/{knock_number} pass 65535")
+    if not (knock_number >= number + workers or number >= knock_number + workers):
+        raise q.error(
+            "knock_number",
+            f"queues {knock_number}..{knock_number + workers - 1} overlap the priority "
+            f"queues {number}..{number + workers - 1}",
+        )
+    queue = QueueConfig(
+        number=number,
+        knock_number=knock_number,
+        max_len=q.int_in("max_len", 8192, 1, 1 << 24),
+        reject_mark=q.int_in("reject_mark", DEFAULT_REJECT_MARK, 1, 0xFFFFFFFF),
+        batch=q.int_in("batch", 64, 1, 4096),
+        workers=workers,
+    )
+    q.finish()
+    return queue
+
+
+def _spa(s: _Table) -> SpaConfig:
+    ports = s.ports("ports")
+    spa = SpaConfig(
+        ports=SpaConfig.ports if ports is None else ports,
+        max_age=s.int_in("max_age", 120, 1, 3600),
+        max_open_seconds=s.int_in("max_open_seconds", 300, 1, 86400),
+        rate_per_source=s.int_in("rate_per_source", 4, 1, 100000),
+        rate_burst=s.int_in("rate_burst", 8, 1, 100000),
+        rate_global=s.int_in("rate_global", 500, 1, 10_000_000),
+        replay_cache=s.int_in("replay_cache", 65536, 1024, 1 << 24),
+    )
+    s.finish()
+    return spa
+
+
 def _resolve(base: Path, text: str) -> Path:
     p = Path(text)
     return p if p.is_absolute() else (base.parent / p)
@@ -291,13 +361,7 @@ def _resolve(base: Path, text: str) -> Path:
 def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True) -> Config:
     root = _Table(path, "", data)
 
-    q = root.sub("queue")
-    queue = QueueConfig(
-        number=q.int_in("number", 0, 0, 65535),
-        max_len=q.int_in("max_len", 8192, 1, 1 << 24),
-        reject_mark=q.int_in("reject_mark", DEFAULT_REJECT_MARK, 1, 0xFFFFFFFF),
-    )
-    q.finish()
+    queue = _queue(root.sub("queue"))
 
     k = root.sub("knock")
     scheme = k.take("scheme", str, "v1")
@@ -340,6 +404,19 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
         seen.add((p.port, p.address))
     allow = _array_of_tables(root, "allow", _allow)
 
+    spa = _spa(root.sub("spa"))
+    protected = {p.port for p in protect}
+    for port in sorted(spa.ports):
+        if port in protected:
+            raise ConfigError(path, "spa.ports", f"{port} is also a protected port")
+        if knock.port_min <= port <= knock.port_max and port not in knock.exclude:
+            raise ConfigError(
+                path,
+                "spa.ports",
+                f"{port} lies in the knock range {knock.port_min}-{knock.port_max} "
+                "(move it out, or list it in [knock] exclude)",
+            )
+
     lim = root.sub("limits")
     limits = LimitsConfig(
         max_sources=lim.int_in("max_sources", 65536, 16, 1 << 24),
@@ -381,6 +458,7 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
         control_socket=control_socket,
         log=LogConfig(level=level, format=fmt),
         users=(),
+        spa=spa,
     )
     try:
         cfg.sequence_params()

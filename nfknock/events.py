@@ -42,6 +42,9 @@ class Event:
     user: str | None = None
     port: int | None = None
     reason: str = ""
+    # A stable, machine-readable reason (snake_case) beside the prose of ``reason``:
+    # fail2ban filters, metrics and ``spa inspect`` key on it; never reworded.
+    code: str = ""
 
     @property
     def source(self) -> str:
@@ -61,6 +64,8 @@ class Event:
             out["port"] = self.port
         if self.reason:
             out["reason"] = self.reason
+        if self.code:
+            out["code"] = self.code
         return out
 
 

@@ -235,3 +235,50 @@ def test_check_prints_scheme_warnings(tmp_path: Path, capsys: pytest.CaptureFixt
     users = '[users.old]\nscheme = "livingstone"\nsecret = "GEZDGNBVGY3TQOJQ"\n'
     assert main(["check", "--config", str(write(tmp_path, MINIMAL, users))]) == 0
     assert "warning:" in capsys.readouterr().err
+
+
+def test_queue_and_spa_sections_have_documented_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    q = cfg.queue
+    assert (q.number, q.knock_number, q.batch, q.workers) == (0, 1, 64, 1)
+    assert list(q.priority_queues()) == [0] and list(q.knock_queues()) == [1]
+    s = cfg.spa
+    assert s.ports == frozenset({62201})
+    assert (s.max_age, s.max_open_seconds) == (120, 300)
+    assert (s.rate_per_source, s.rate_burst, s.rate_global) == (4, 8, 500)
+
+
+def test_workers_widen_both_queue_ranges_without_overlap(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "[queue]\nnumber = 10\nworkers = 3\n" + MINIMAL))
+    assert list(cfg.queue.priority_queues()) == [10, 11, 12]
+    assert list(cfg.queue.knock_queues()) == [13, 14, 15]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("[queue]\nnumber = 4\nknock_number = 4\n", "queue.knock_number", "overlap"),
+        ("[queue]\nnumber = 4\nworkers = 2\nknock_number = 5\n", "queue.knock_number", "overlap"),
+        ("[queue]\nbatch = 0\n", "queue.batch", "outside"),
+        ("[spa]\nports = [22]\n", "spa.ports", "protected"),
+        ("[spa]\nports = [2000]\n", "spa.ports", "knock range"),
+        ("[spa]\nmax_age = 0\n", "spa.max_age", "outside"),
+        ("[spa]\nbogus = 1\n", "spa.bogus", "unknown key"),
+    ],
+)
+def test_bad_queue_and_spa_settings_name_the_key(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text + MINIMAL))
+    assert err.value.key == key
+    assert problem in err.value.problem
+
+
+def test_spa_can_be_switched_off_and_may_sit_on_an_excluded_port(tmp_path: Path) -> None:
+    off = load_config(write(tmp_path, "[spa]\nports = []\n" + MINIMAL))
+    assert off.spa.ports == frozenset()
+    inside = load_config(
+        write(tmp_path, "[knock]\nexclude = [2000]\n[spa]\nports = [2000]\n" + MINIMAL)
+    )
+    assert inside.spa.ports == frozenset({2000})
