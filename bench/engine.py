@@ -23,7 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 from nfknock.config import User
-from nfknock.engine import Engine, EngineSettings
+from nfknock.core import Core
+from nfknock.engine import EngineSettings
 from nfknock.events import DROP_SILENT, Decision
 from nfknock.sequence import SequenceParams
 
@@ -42,10 +43,10 @@ def workload(kind: str, n: int, rng: random.Random) -> list[Syn]:
     raise ValueError(kind)
 
 
-def engine_for(users: int, wall: float) -> Engine:
+def engine_for(users: int, wall: float) -> Core:
     settings = EngineSettings(params=SequenceParams(exclude=frozenset({22})), protect={22: None})
     rng = random.Random(users)
-    return Engine(settings, [User(f"u{i}", rng.randbytes(32)) for i in range(users)], wall)
+    return Core(settings, [User(f"u{i}", rng.randbytes(32)) for i in range(users)], wall)
 
 
 def rate(
@@ -73,7 +74,7 @@ def step_change_pause(users: int) -> dict[str, float]:
         engine.tick(wall + i / 4, mono + i / 4)
         worst = max(worst, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    engine._rebuild()  # the baseline: the whole index at once
+    engine.knocks._rebuild()  # the baseline: the whole index at once
     rebuild = time.perf_counter() - t0
     return {"worst_tick_ms": round(worst * 1000, 2), "full_rebuild_ms": round(rebuild * 1000, 2)}
 
@@ -95,7 +96,7 @@ def run(
         for kind in kinds:
             best = max(rate(engine.decide, loads[kind], wall) for _ in range(repeats))
             row[kind] = {"decisions_per_s": round(best), "ratio_to_baseline": round(best / base, 3)}
-        row["tracked_sources_after"] = engine.tracked_sources()
+        row["tracked_sources_after"] = engine.knocks.tracked_sources()
         row["step_change"] = step_change_pause(users)
         results["users"][str(users)] = row
     first, last = str(user_counts[0]), str(user_counts[-1])

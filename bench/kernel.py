@@ -98,7 +98,8 @@ class Bench:
         self.stop_filter()
         self.reset_firewall()
         # A fresh daemon per phase: no counters or grants carried over from the last.
-        (self.workdir / "state.json").unlink(missing_ok=True)
+        for name in ("state.db", "state.db-wal", "state.db-shm"):
+            (self.workdir / name).unlink(missing_ok=True)
         cfg = self.nfknock_config(users, **door)
         self.lab.install_rules(cfg)
         self.filter = self.lab.start_daemon(cfg, wait=120, cpu=FILTER_CPU)

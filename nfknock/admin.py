@@ -82,7 +82,7 @@ def register(sub: Any) -> None:
     p = add("init", cmd_init, "write a commented configuration and an empty users file")
     p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
     p.add_argument("--users-file", default=None, help="default: users.toml beside the config")
-    p.add_argument("--state", default="/var/lib/nfknock/state.json")
+    p.add_argument("--state", default="/var/lib/nfknock/state.db")
     p.add_argument("--socket", default="/run/nfknock/control.sock")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
 
@@ -164,7 +164,7 @@ def _write_users(cfg: Config, users: dict[str, Any]) -> None:
 
 
 def _signal_daemon(cfg: Config) -> str:
-    from nfknock.daemon import control_request
+    from nfknock.control import control_request
 
     try:
         reply = control_request(cfg.control_socket, "reload")
@@ -315,7 +315,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from nfknock import logs
-    from nfknock.fileio import StateError
+    from nfknock.store import StateError
 
     cfg = load_config(args.config)
     logs.configure(cfg.log.level, cfg.log.format)
@@ -333,7 +333,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from nfknock.daemon import control_request
+    from nfknock.control import control_request
 
     cfg = load_config(args.config, load_users=False)
     try:
@@ -350,10 +350,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"verdicts {st.get('verdicts')}  malformed {st.get('malformed')}  "
         f"errors {st.get('internal_errors')}"
     )
-    q = st.get("queue") or {}
+    for number, q in sorted((st.get("queue") or {}).items()):
+        print(
+            f"queue {number}: waiting {q.get('waiting')}  "
+            f"queue_dropped {q.get('queue_dropped')}  user_dropped {q.get('user_dropped')}"
+        )
+    state = st.get("state") or {}
+    health = "ok" if state.get("ok") else f"ERROR {state.get('error')}"
     print(
-        f"queue {q.get('queue')}: waiting {q.get('waiting')}  "
-        f"queue_dropped {q.get('queue_dropped')}  user_dropped {q.get('user_dropped')}"
+        f"state {state.get('store')}: {health}"
+        f"  claims {state.get('claims')}  failures {state.get('claim_failures')}"
+        f"  pending {state.get('pending_claims')}"
     )
     print(f"tracked sources {st.get('tracked_sources')}")
     for name, u in sorted((st.get("users") or {}).items()):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from nfknock.counters import MAX_LOOKAHEAD
 from nfknock.schemes import (
     SCHEME_NAMES,
     V1,
@@ -88,6 +89,7 @@ class KnockConfig:
     reorder_window: int = 4
     stray_budget: int = 32
     exclude: frozenset[int] = frozenset()
+    lookahead: int = 2
 
 
 @dataclass(frozen=True)
@@ -382,6 +384,7 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
         reorder_window=k.int_in("reorder_window", 4, 0, 64),
         stray_budget=k.int_in("stray_budget", length, 0, 1 << 20),
         exclude=k.ports("exclude") or frozenset(),
+        lookahead=k.int_in("lookahead", 2, 0, MAX_LOOKAHEAD),
     )
     if knock.port_min > knock.port_max:
         raise k.error("port_max", f"{knock.port_max} is below port_min {knock.port_min}")
@@ -427,7 +430,7 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
     lim.finish()
 
     st = root.sub("state")
-    state_path = _resolve(path, st.take("path", str, "/var/lib/nfknock/state.json"))
+    state_path = _resolve(path, st.take("path", str, "/var/lib/nfknock/state.db"))
     st.finish()
     us = root.sub("users")
     users_file = _resolve(path, us.take("file", str, "/etc/nfknock/users.toml"))

@@ -1,41 +1,111 @@
-"""``nfknock run``: the NFQUEUE adapter.  The only module that imports netfilterqueue.
+"""``nfknock run``: the NFQUEUE adapter.  With nfknock.nfq, the only code that touches
+netfilterqueue.
 
-One thread.  The kernel's packets are handled in netfilterqueue's callback; every
-packet gets exactly one verdict, given in a ``finally`` (an exception in the
-callback would otherwise leave the packet queued and jam the queue).  Housekeeping
-(engine ticks, signals, the control socket, the systemd watchdog) runs between
-batches and, under a flood that never lets the batch end, from inside the callback
-at most every ``HOUSEKEEPING`` seconds.
+One packet thread.  It polls the priority queue (protected ports, SPA), the knock
+queue, the state store's outcomes and the control mailbox, and always serves the
+priority queue first: the knock queue is pumped a bounded number of packets, for a
+bounded time, before the loop looks again -- so a flood on the knock range cannot
+delay a granted connection, and SIGTERM is seen within a second under any flood.
+
+Every packet gets exactly one verdict, given in a ``finally`` (an exception in the
+callback would otherwise leave the packet queued and jam the queue).  A SYN whose
+grant is still pending (its claim not yet durable) is HELD: kept, with a bounded
+table and a deadline, and decided again when the store answers; whatever is held
+too long, or finds no room, is dropped (fail closed).
+
+Other threads never touch the verdict core: the store thread records claims, the
+control threads read and write the control socket, a reload thread reads the new
+configuration and builds the new engine; each hands its result to this loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import select
 import signal
 import socket
-import stat
+import threading
 import time
-from pathlib import Path
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from nfknock.config import Config, ConfigError
+from nfknock.control import ControlError, ControlServer, Mailbox
 from nfknock.events import Verdict
 from nfknock.logs import EventLogger
 from nfknock.packet import COPY_RANGE
 from nfknock.sdnotify import notify, watchdog_interval
-from nfknock.service import Service, queue_stats
+from nfknock.service import PreparedReload, Restored, Service, queue_stats
 
 HOUSEKEEPING = 0.25
-# Kernel memory one queued SYN takes in the netlink socket (message + skb overhead).
+# Kernel memory one queued packet takes in the netlink socket (message + skb overhead).
 SOCKET_BYTES_PER_PACKET = 2048
-CONTROL_TIMEOUT = 1.0
+# The priority queue carries SPA packets: copy them whole.
+PRIORITY_COPY_RANGE = 4096
+# Knock-queue packets handled before the loop looks at the priority queue again.
+KNOCK_SLICE = 256
+HOLD_SECONDS = 2.0  # a held SYN is dropped if its claim takes longer
+MAX_HELD = 256
 
 log = structlog.get_logger("nfknock")
+
+
+class _Yield(Exception):
+    """Raised from the callback (after the verdict) to leave ``run()``."""
+
+
+class _Queue:
+    """One bound NFQUEUE, pumped in bounded slices."""
+
+    def __init__(self, number: int, handler: Any, max_len: int, copy_range: int) -> None:
+        from netfilterqueue import NetfilterQueue
+
+        self.number = number
+        self._handler = handler
+        self._nfq = NetfilterQueue()
+        self._nfq.bind(
+            number,
+            self._callback,
+            max_len=max_len,
+            range=copy_range,
+            # The netlink socket must hold a full queue, or the kernel drops
+            # messages before the queue is full ("user_dropped").
+            sock_len=max_len * SOCKET_BYTES_PER_PACKET,
+        )
+        self._left = 0
+        self._deadline = 0.0
+
+    def fileno(self) -> int:
+        return int(self._nfq.get_fd())
+
+    def pump(self, max_packets: int, deadline: float) -> None:
+        self._left = max_packets
+        self._deadline = deadline
+        with contextlib.suppress(_Yield):
+            self._nfq.run(block=False)
+
+    def _callback(self, pkt: Any) -> None:
+        self._handler(pkt)
+        self._left -= 1
+        if self._left <= 0 or time.monotonic() >= self._deadline:
+            raise _Yield
+
+    def unbind(self) -> None:
+        # Unbinding hands queued packets back to the kernel, which drops them (no
+        # --queue-bypass): fail closed.
+        with contextlib.suppress(Exception):
+            self._nfq.unbind()
+
+
+@dataclass
+class _Held:
+    pkt: Any
+    payload: bytes
+    since: float
 
 
 class Daemon:
@@ -43,38 +113,68 @@ class Daemon:
         self.service = Service(cfg, EventLogger())
         self.mark = cfg.queue.reject_mark
         self._stop = False
-        self._reload = False
+        self._reload_requested = False
         self._next_housekeeping = 0.0
         self._watchdog = watchdog_interval()
         self._next_watchdog = 0.0
-        self._control: socket.socket | None = None
+        self.mailbox = Mailbox()
+        self._held: deque[_Held] = deque()
+        self._reloading: tuple[threading.Thread, list[Any]] | None = None
+        self._reload_waiters: list[Future[dict[str, Any]]] = []
 
     # --- the packet path ------------------------------------------------------
 
     def handle(self, pkt: Any) -> None:
         verdict = Verdict.DROP
+        payload = b""
         try:
-            verdict = self.service.decide_packet(pkt.get_payload())
+            payload = pkt.get_payload()
+            verdict = self.service.decide_packet(payload)
         except Exception as exc:  # decide_packet never raises; get_payload might
             self.service.internal_error(exc, b"")
         finally:
-            try:
-                if verdict is Verdict.ACCEPT:
-                    pkt.accept()
-                elif verdict is Verdict.REJECT:
-                    pkt.set_mark(self.mark)
-                    pkt.repeat()  # re-runs the hook; the reject-mark rule answers
-                else:
-                    pkt.drop()
-            except Exception:  # e.g. the verdict call failed: last resort is DROP
-                with contextlib.suppress(Exception):
-                    pkt.drop()
+            self._give(pkt, verdict, payload)
             try:
                 self.service.settle()  # after the verdict: logging costs it no latency
-            except Exception as exc:  # e.g. the state file could not be written
+            except Exception as exc:
                 self.service.internal_error(exc, b"")
-            if self.service.now >= self._next_housekeeping:
-                self.housekeeping()
+
+    def _give(self, pkt: Any, verdict: Verdict, payload: bytes) -> None:
+        try:
+            if verdict is Verdict.HOLD:
+                if len(self._held) < MAX_HELD:
+                    pkt.retain()
+                    self._held.append(_Held(pkt, payload, time.monotonic()))
+                    return
+                verdict = Verdict.DROP
+            if verdict is Verdict.ACCEPT:
+                pkt.accept()
+            elif verdict is Verdict.REJECT:
+                pkt.set_mark(self.mark)
+                pkt.repeat()  # re-runs the hook; the reject-mark rule answers
+            else:
+                pkt.drop()
+        except Exception:  # e.g. the verdict call failed: last resort is DROP
+            with contextlib.suppress(Exception):
+                pkt.drop()
+
+    def _redecide_held(self, expire_only: bool = False) -> None:
+        now = time.monotonic()
+        for _ in range(len(self._held)):
+            held = self._held.popleft()
+            if expire_only and now - held.since < HOLD_SECONDS:
+                self._held.append(held)
+                continue
+            verdict = Verdict.DROP
+            if not expire_only:
+                verdict = self.service.decide_packet(held.payload)
+                if verdict is Verdict.HOLD and now - held.since < HOLD_SECONDS:
+                    self._held.append(held)
+                    continue
+                if verdict is Verdict.HOLD:
+                    verdict = Verdict.DROP
+            self._give(held.pkt, verdict, held.payload)
+            self.service.settle()
 
     # --- between packets ------------------------------------------------------
 
@@ -82,179 +182,186 @@ class Daemon:
         now = time.monotonic()
         self._next_housekeeping = now + HOUSEKEEPING
         try:
-            if self._reload:
-                self._reload = False
-                self._do_reload()
+            if self._reload_requested and self._reloading is None:
+                self._reload_requested = False
+                self._start_reload()
+            self._check_reload()
             self.service.tick()
-            self._serve_control()
+            if self._held:
+                self._redecide_held(expire_only=True)
             if self._watchdog and now >= self._next_watchdog:
                 notify("WATCHDOG=1")
                 self._next_watchdog = now + self._watchdog
         except Exception as exc:
             log.error("housekeeping_failed", error=f"{type(exc).__name__}: {exc}")
 
-    def _do_reload(self) -> None:
-        try:
-            how = self.service.reload()
-        except ConfigError as exc:
-            log.error("reload_failed", error=str(exc), reason="keeping the running configuration")
-            return
-        self._log_reloaded(how)
+    # --- reload: read and build in a thread, swap here ------------------------------
 
-    def _log_reloaded(self, how: str) -> None:
-        log.info("reloaded", detail=how, users=len(self.service.cfg.users))
-        for warning in self.service.cfg.warnings:
-            log.warning("config_warning", detail=warning)
+    def _start_reload(self) -> None:
+        snapshot = self.service.reload_snapshot()
+        result: list[Any] = []
 
-    # --- control socket ---------------------------------------------------------
-
-    def _open_control(self) -> socket.socket:
-        path = self.service.cfg.control_socket
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)  # root-only: the socket is created 0600
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        sock.listen(4)
-        sock.setblocking(False)
-        self._control = sock
-        return sock
-
-    def _serve_control(self) -> None:
-        if self._control is None:
-            return
-        for _ in range(4):
+        def work() -> None:
             try:
-                conn, _addr = self._control.accept()
-            except BlockingIOError:
-                return
-            with conn:
-                conn.settimeout(CONTROL_TIMEOUT)
-                try:
-                    request = json.loads(_read_line(conn))
-                    reply = self._control_reply(request)
-                except (OSError, ValueError) as exc:
-                    reply = {"ok": False, "error": str(exc)}
-                with contextlib.suppress(OSError):
-                    conn.sendall((json.dumps(reply) + "\n").encode())
+                result.append(self.service.prepare_reload(snapshot))
+            except Exception as exc:
+                result.append(exc)
 
-    def _control_reply(self, request: Any) -> dict[str, Any]:
-        command = request.get("command") if isinstance(request, dict) else None
+        thread = threading.Thread(target=work, name="nfknock-reload", daemon=True)
+        thread.start()
+        self._reloading = (thread, result)
+
+    def _check_reload(self) -> None:
+        if self._reloading is None or self._reloading[0].is_alive():
+            return
+        _, result = self._reloading
+        self._reloading = None
+        outcome = result[0] if result else RuntimeError("the reload thread ended without a result")
+        if isinstance(outcome, PreparedReload):
+            how = self.service.finish_reload(outcome)
+            log.info("reloaded", detail=how, users=len(self.service.cfg.users))
+            for warning in self.service.cfg.warnings:
+                log.warning("config_warning", detail=warning)
+            reply: dict[str, Any] = {"ok": True, "detail": how}
+        else:
+            error = str(outcome) if isinstance(outcome, ConfigError) else repr(outcome)
+            log.error("reload_failed", error=error, reason="keeping the running configuration")
+            reply = {"ok": False, "error": error}
+        for fut in self._reload_waiters:
+            fut.set_result(reply)
+        self._reload_waiters.clear()
+
+    # --- control requests (answered between packets) --------------------------------
+
+    def _control(self, request: dict[str, Any], fut: Future[dict[str, Any]]) -> None:
+        command = request.get("command")
         if command == "status":
-            stats = queue_stats(self.service.cfg.queue.number)
-            return {"ok": True, "status": self.service.status(stats)}
-        if command == "reload":
-            try:
-                how = self.service.reload()
-            except ConfigError as exc:
-                log.error(
-                    "reload_failed", error=str(exc), reason="keeping the running configuration"
-                )
-                return {"ok": False, "error": str(exc)}
-            self._log_reloaded(how)
-            return {"ok": True, "detail": how}
-        return {"ok": False, "error": f"unknown command {command!r}"}
+            stats = {
+                str(q): queue_stats(q)
+                for q in [
+                    *self.service.cfg.queue.priority_queues(),
+                    *self.service.cfg.queue.knock_queues(),
+                ]
+            }
+            status = self.service.status(stats)
+            status["held_packets"] = len(self._held)
+            status["reloading"] = self._reloading is not None
+            fut.set_result({"ok": True, "status": status})
+        elif command == "reload":
+            self._reload_waiters.append(fut)
+            if self._reloading is None:
+                self._start_reload()
+        else:
+            fut.set_result({"ok": False, "error": f"unknown command {command!r}"})
 
     # --- main loop --------------------------------------------------------------
 
     def run(self) -> int:
-        from netfilterqueue import NetfilterQueue
-
         cfg = self.service.cfg
-        restored, clean = self.service.restore()
-        nfq = NetfilterQueue()
+        restored = self.service.restore()
+        queues: list[_Queue] = []
+        control: ControlServer | None = None
         try:
-            nfq.bind(
-                cfg.queue.number,
-                self.handle,
-                max_len=cfg.queue.max_len,
-                range=COPY_RANGE,
-                # The netlink socket must hold a full queue, or the kernel drops
-                # messages before the queue is full ("user_dropped").
-                sock_len=cfg.queue.max_len * SOCKET_BYTES_PER_PACKET,
-            )
-        except OSError as exc:
-            log.error(
-                "queue_bind_failed",
-                queue=cfg.queue.number,
-                error=str(exc),
-                reason="another process may hold the queue, or CAP_NET_ADMIN is missing",
-            )
-            return 1
-        control = self._open_control()
+            try:
+                for number in cfg.queue.priority_queues():
+                    queues.append(
+                        _Queue(number, self.handle, cfg.queue.max_len, PRIORITY_COPY_RANGE)
+                    )
+                priority = list(queues)
+                for number in cfg.queue.knock_queues():
+                    queues.append(_Queue(number, self.handle, cfg.queue.max_len, COPY_RANGE))
+                knock = queues[len(priority) :]
+            except OSError as exc:
+                log.error(
+                    "queue_bind_failed",
+                    queues=f"{cfg.queue.number}, {cfg.queue.knock_number}",
+                    error=str(exc),
+                    reason="another process may hold the queue, or CAP_NET_ADMIN is missing",
+                )
+                return 1
+            try:
+                control = ControlServer(cfg.control_socket, self.mailbox)
+            except (ControlError, OSError) as exc:
+                log.error("control_socket_failed", error=str(exc))
+                return 1
+            return self._loop(cfg, restored, priority, knock)
+        finally:
+            notify("STOPPING=1")
+            for q in queues:
+                q.unbind()
+            for held in self._held:
+                with contextlib.suppress(Exception):
+                    held.pkt.drop()
+            self._held.clear()
+            if control is not None:
+                control.close()
+            try:
+                self.service.stop()
+            except Exception as exc:
+                log.error("state_save_failed", error=str(exc), reason="grants will not be restored")
+            log.info("stopped", verdicts=self.service.verdict_counts())
+
+    def _loop(
+        self, cfg: Config, restored: Restored, priority: list[_Queue], knock: list[_Queue]
+    ) -> int:
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload", True))
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
         signal.signal(signal.SIGINT, lambda *_: setattr(self, "_stop", True))
         log.info(
             "started",
             queue=cfg.queue.number,
+            knock_queue=cfg.queue.knock_number,
             max_len=cfg.queue.max_len,
             users=len(cfg.users),
             protected=sorted(cfg.protected_ports),
             knock_range=f"{cfg.knock.port_min}-{cfg.knock.port_max}",
-            restored=restored,
-            previous_exit="clean" if clean else "unclean: live grants were not restored",
+            state=self.service.store.store.description,
+            restored_counters=restored.counters,
+            restored_grants=restored.grants,
+            previous_exit="clean" if restored.clean else "unclean: live grants were not restored",
         )
+        if not restored.writable:
+            log.error(
+                "state_not_writable",
+                error=self.service.state_error,
+                reason="no claim can be recorded: nothing will open until this is fixed",
+            )
         for warning in cfg.warnings:
             log.warning("config_warning", detail=warning)
-        notify(f"READY=1\nSTATUS=verdicts on queue {cfg.queue.number}")
-        fd = nfq.get_fd()
+        notify(f"READY=1\nSTATUS=verdicts on queues {cfg.queue.number}/{cfg.queue.knock_number}")
         poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        poller.register(wake_r.fileno(), select.POLLIN)
-        poller.register(control.fileno(), select.POLLIN)
+        fds = {q.fileno(): q for q in [*priority, *knock]}
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        claims_fd, mail_fd = self.service.claims_fd(), self.mailbox.fileno()
+        for fd in (wake_r.fileno(), claims_fd, mail_fd):
+            poller.register(fd, select.POLLIN)
         try:
             while not self._stop:
-                ready = {f for f, _ in poller.poll(int(HOUSEKEEPING * 1000))}
-                if fd in ready:
-                    nfq.run(block=False)
+                timeout = max(0, int((self._next_housekeeping - time.monotonic()) * 1000))
+                ready = {f for f, _ in poller.poll(timeout)}
+                deadline = time.monotonic() + HOUSEKEEPING
+                for q in priority:  # first, and until it is empty (bounded by the deadline)
+                    if q.fileno() in ready:
+                        q.pump(1 << 30, deadline)
+                if claims_fd in ready and self.service.on_claims() and self._held:
+                    self._redecide_held()
+                for q in knock:
+                    if q.fileno() in ready:
+                        q.pump(KNOCK_SLICE, deadline)
+                if mail_fd in ready:
+                    self.mailbox.serve(self._control)
                 if wake_r.fileno() in ready:
                     with contextlib.suppress(BlockingIOError):
                         wake_r.recv(64)
-                if time.monotonic() >= self._next_housekeeping or self._reload or ready - {fd}:
+                if time.monotonic() >= self._next_housekeeping or self._reload_requested:
                     self.housekeeping()
         finally:
-            notify("STOPPING=1")
-            # Unbinding hands queued packets back to the kernel, which drops them
-            # (no --queue-bypass): fail closed.
-            nfq.unbind()
-            with contextlib.suppress(OSError):
-                self.service.save(clean=True)
-            if self._control is not None:
-                self._control.close()
-                with contextlib.suppress(OSError):
-                    cfg.control_socket.unlink()
             signal.set_wakeup_fd(-1)
-            log.info("stopped", verdicts=self.service.verdict_counts())
+            wake_r.close()
+            wake_w.close()
         return 0
-
-
-def _read_line(conn: socket.socket, limit: int = 4096) -> bytes:
-    buf = b""
-    while b"\n" not in buf and len(buf) < limit:
-        chunk = conn.recv(1024)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
-def control_request(path: Path, command: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask a running daemon over its control socket (used by the CLI)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall((json.dumps({"command": command}) + "\n").encode())
-        reply = json.loads(_read_line(s, 1 << 20) or b"{}")
-    if not isinstance(reply, dict):
-        raise ValueError("the daemon's reply is not a JSON object")
-    return reply

@@ -85,7 +85,7 @@ def run_demo() -> int:
             "--config",
             str(cfg),
             "--state",
-            str(work / "state.json"),
+            str(work / "state.db"),
             "--socket",
             str(work / "control.sock"),
         )

@@ -39,8 +39,10 @@ a knock at position ``p`` of a candidate the source has started:
     next <= p <= next + W        bit p set; next advances over received positions
     p > next + W                 not this candidate (counts as stray if nothing else
                                  matches)
-    next == L                    completed: current counter -> grant; stale -> mark
-                                 the source "behind" (REJECT on protected ports)
+    next == L                    completed: a claimable counter -> an Access for
+                                 the gate (grants.py, gate.py); a spent one -> the
+                                 source is marked "behind" (REJECT on protected
+                                 ports)
     older than sequence_timeout  progress discarded
     ===========================  ====================================================
 
@@ -50,27 +52,32 @@ Sequences may repeat a port (compatibility schemes): a knock takes the first
 position holding its port that is not received yet.  Anything the tables do not
 cover ends in DROP.
 
-*Protected ports.*  A SYN to a protected port is ACCEPTed when a live grant of that
-source covers (destination, port) and still has connections left (one is spent),
-REJECTed when the source is marked behind, and DROPped otherwise.  Any other SYN
-that reaches the engine is DROPped.  Knocks are always DROPped, the completing one
-too.
+*Counters.*  Which counters of a (user, step) may still open follows the window
+rule of :mod:`nfknock.counters`: a completion claims its counter locally at once (a
+replay right behind it is stale here already) and hands an :class:`~nfknock.gate.Access`
+to the gate, which makes it exactly-once across processes and gateways.  Windows
+outlive their step (bounded), so a clock stepped forward and back finds the counters
+it spent; a step whose window was pruned never goes live again (``replay_state_gap``).
 
-*Bounds.*  Sources (LRU), progress per source, grants, behind marks and stale
-counters all have limits from the configuration.
+Knocks are always DROPped, the completing one too; protected ports are decided by
+:mod:`nfknock.core` and :mod:`nfknock.grants`.
+
+*Bounds.*  Sources (LRU), progress per source, counter windows and stale candidates
+all have limits from the configuration.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from nfknock.config import Config, User
-from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict, addr_text
+from nfknock.counters import MAX_COUNTER, CounterWindow
+from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict
+from nfknock.gate import Access, CounterClaim, Gate
+from nfknock.grants import split_key
 from nfknock.schemes import V1, Scheme, merge_ranges
 from nfknock.sequence import SequenceParams, step_of
 
@@ -82,6 +89,11 @@ _RECENT_MASK = (1 << (16 * _RECENT)) - 1
 _TRIES_SHIFT = 16 * _RECENT  # the slot word's top bits count failed start attempts
 _TRIES_CAP = (1 << (63 - _TRIES_SHIFT)) - 1
 _SLOT = 3  # words per slot of the recent table
+# Counter windows kept (per user and step) after their step left the live window,
+# so a clock stepped back finds what was spent: steps this far below the highest
+# step ever live (a day of 30 s steps), and at most this many windows in all.
+RETAIN_STEPS = 2880
+MAX_WINDOWS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,8 @@ class EngineSettings:
     max_grants: int = 65536
     max_progress_per_source: int = 16
     stale_counters: int = 8
+    lookahead: int = 2  # counters beyond the floor that still open (counters.py)
+    max_open_seconds: float = 300.0  # SPA: a client's timeout is honoured up to this
 
     @classmethod
     def from_config(cls, cfg: Config) -> EngineSettings:
@@ -123,6 +137,8 @@ class EngineSettings:
             max_grants=lim.max_grants,
             max_progress_per_source=lim.max_progress_per_source,
             stale_counters=lim.stale_counters,
+            lookahead=k.lookahead,
+            max_open_seconds=float(cfg.spa.max_open_seconds),
         )
 
 
@@ -149,14 +165,6 @@ class Source:
     last: float = 0.0
 
 
-@dataclass(slots=True)
-class Grant:
-    user: str
-    ports: frozenset[int]
-    remaining: int
-    expires: float  # monotonic
-
-
 def _first_free(ports: array[int], port: int, prog: Progress) -> int:
     """The first position >= next holding ``port`` not received yet; -1 if none (a
     duplicate).  Usually the port occurs once; some schemes repeat ports."""
@@ -171,19 +179,28 @@ def _first_free(ports: array[int], port: int, prog: Progress) -> int:
         start = pos + 1
 
 
-def _split(key: bytes) -> tuple[bytes, bytes]:
-    """A table key (source + destination, packed) back into its two addresses."""
-    half = len(key) // 2
-    return key[:half], key[half:]
+_split = split_key
 
 
 class Engine:
-    """See the module docstring.  Not thread-safe: one caller at a time."""
+    """See the module docstring.  Not thread-safe: one caller at a time.
 
-    def __init__(self, settings: EngineSettings, users: Iterable[User], wall: float) -> None:
+    ``gate`` receives every completion (an Access to admit, or a stale source to
+    mark behind); the engine itself holds no grants."""
+
+    def __init__(
+        self, settings: EngineSettings, users: Iterable[User], wall: float, gate: Gate
+    ) -> None:
         self.s = settings
+        self.gate = gate
         self._users: dict[str, User] = {}
-        self._counters: dict[tuple[str, int], int] = {}
+        self._counters: dict[tuple[str, int], CounterWindow] = {}
+        # Replay state for steps at or below this was pruned (or lost): they never go
+        # live again, whatever the clock says (see _steps).
+        self._pruned_through = -1
+        self._high_step = -1  # the highest step ever live
+        self._gap_reported = False
+        self._pruned_at: int | None = None
         self._candidates: dict[int, Candidate] = {}
         self._by_key: dict[tuple[str, int, int], int] = {}
         # port -> {candidate id: bitmask of its positions among the first W + 2}:
@@ -201,8 +218,6 @@ class Engine:
         self._near_map = bytearray(65536)
         self._next_cid = 1
         self._sources: OrderedDict[bytes, Source] = OrderedDict()
-        self._grants: OrderedDict[bytes, dict[str, Grant]] = OrderedDict()
-        self._behind: OrderedDict[bytes, float] = OrderedDict()
         # Step changes are spread over tick() calls: the next step's candidates are
         # derived and indexed ahead (staged, not live until their step enters the
         # window), and those of the step that left are unindexed afterwards.
@@ -210,7 +225,6 @@ class Engine:
         self._stage_todo: list[str] = []
         self._retiring: list[tuple[str, int, int]] = []
         self._set_step(wall)
-        self._protect = settings.protect
         self._v1 = V1(settings.params)
         self._set_users_quiet(users)
         self._rebuild()
@@ -225,24 +239,19 @@ class Engine:
     def users(self) -> Mapping[str, User]:
         return self._users
 
-    def set_users(self, users: Iterable[User], mono: float) -> list[Event]:
-        """Replace the user set; grants of users now gone or disabled end here."""
+    def set_users(self, users: Iterable[User]) -> None:
+        """Replace the user set.  A rekeyed user's counters and sequences are void
+        (the grant table is re-checked by the caller: ``GrantTable.retain``)."""
         old = self._users
         self._set_users_quiet(users)
-        ended = {name for name, u in old.items() if u.enabled} - {
-            name for name, u in self._users.items() if u.enabled
-        }
         for name, u in self._users.items():
             if name in old and (old[name].secret, old[name].scheme) != (u.secret, u.scheme):
-                ended.add(name)  # rekeyed: old sequences and counters are void
                 for counter_key in [k for k in self._counters if k[0] == name]:
                     del self._counters[counter_key]
                 for cand_key in [k for k in self._by_key if k[0] == name]:
                     del self._candidates[self._by_key.pop(cand_key)]
         self._seed_hotp_counters()
-        events = self._end_grants(ended, "user revoked or disabled")
         self._rebuild()
-        return events
 
     def _set_users_quiet(self, users: Iterable[User]) -> None:
         self._users = {u.name: u for u in users}
@@ -265,42 +274,44 @@ class Engine:
         """HOTP users start at their configured counter (never below one used)."""
         for u in self._users.values():
             if not self._scheme(u).time_based:
-                key = (u.name, HOTP_STEP)
-                self._counters[key] = max(self._counters.get(key, 0), u.initial_counter)
+                window = self._window(u.name, HOTP_STEP)
+                if window.floor < u.initial_counter:
+                    window.merge(CounterWindow(u.initial_counter))
 
-    def _end_grants(self, names: set[str], reason: str) -> list[Event]:
-        events: list[Event] = []
-        if not names:
-            return events
-        for key in list(self._grants):
-            grants = self._grants[key]
-            for name in names & grants.keys():
-                del grants[name]
-                src, dst = _split(key)
-                events.append(Event(EventKind.GRANT_REVOKED, src, dst, name, None, reason))
-            if not grants:
-                del self._grants[key]
-        return events
+    def _window(self, user: str, step: int) -> CounterWindow:
+        window = self._counters.get((user, step))
+        if window is None:
+            window = self._counters[(user, step)] = CounterWindow()
+        return window
 
     # --- candidates ------------------------------------------------------------
 
     def _scheme(self, user: User) -> Scheme:
         return user.scheme or self._v1
 
+    def _lookahead(self, user: User) -> int:
+        scheme = self._scheme(user)
+        if not scheme.has_counter:
+            return 0
+        return scheme.lookahead if not scheme.time_based else self.s.lookahead
+
     def _wanted_counters(self, user: User, step: int) -> range:
-        """Stale counters (remembered to answer replays), the current one, and the
-        scheme's look-ahead.  A scheme without counters has one sequence a step."""
+        """Spent counters just below the floor (remembered to answer replays with
+        "behind"), the floor and its look-ahead.  A scheme without counters has one
+        sequence a step."""
         scheme = self._scheme(user)
         if not scheme.has_counter:
             return range(1)
-        nxt = self._counters.get((user.name, step), 0)
-        return range(max(0, nxt - self.s.stale_counters), nxt + 1 + scheme.lookahead)
+        window = self._counters.get((user.name, step))
+        floor = window.floor if window is not None else 0
+        top = min(floor + self._lookahead(user), MAX_COUNTER)
+        return range(max(0, floor - self.s.stale_counters), top + 1)
 
     def _steps(self, user: User) -> range:
         if not self._scheme(user).time_based:
             return range(HOTP_STEP, HOTP_STEP + 1)
         skew = self.s.skew_steps
-        return range(max(0, self._step - skew), self._step + skew + 1)
+        return range(max(0, self._step - skew, self._pruned_through + 1), self._step + skew + 1)
 
     def _derive(self, user: User, step: int, counter: int) -> array[int]:
         return array("H", self._scheme(user).derive(user.secret, step, counter))
@@ -334,10 +345,6 @@ class Engine:
         self._near_map = bytearray(65536)
         for cand in self._candidates.values():
             self._index(cand)
-        # Time-step counters older than the window can never matter again.
-        oldest = self._step - self.s.skew_steps
-        for counter_key in [k for k in self._counters if HOTP_STEP < k[1] < oldest]:
-            del self._counters[counter_key]
 
     def _advance(self) -> None:
         """The window moved one step: its new last step goes live (its candidates
@@ -351,8 +358,6 @@ class Engine:
                     if (user.name, hi, counter) not in self._by_key:
                         self._add_candidate(user.name, hi, counter)
         self._retiring.extend(k for k in self._by_key if HOTP_STEP < k[1] < lo)
-        for counter_key in [k for k in self._counters if HOTP_STEP < k[1] < lo]:
-            del self._counters[counter_key]
 
     def _live(self, cand: Candidate) -> bool:
         """Is the candidate's step inside the window (staged and retiring ones
@@ -414,8 +419,41 @@ class Engine:
         self._step = step_of(wall, length)
         self._step_start = self._step * length
         self._step_end = self._step_start + length
-        self._live_lo = max(0, self._step - self.s.skew_steps)
+        self._live_lo = max(0, self._step - self.s.skew_steps, self._pruned_through + 1)
         self._live_hi = self._step + self.s.skew_steps
+        self._high_step = max(self._high_step, self._live_hi)
+
+    def _prune_windows(self) -> list[Event]:
+        """Forget counter windows of steps long gone (RETAIN_STEPS below the highest
+        step ever live, or the oldest beyond MAX_WINDOWS); every step at or below a
+        pruned one is dead for good (see _steps).  And say so, once, when the clock
+        stands in such a step."""
+        events: list[Event] = []
+        cutoff = self._high_step - RETAIN_STEPS
+        timed = [k for k in self._counters if k[1] != HOTP_STEP]
+        doomed = [k for k in timed if k[1] < cutoff]
+        if len(timed) - len(doomed) > MAX_WINDOWS:
+            keep = sorted((k for k in timed if k[1] >= cutoff), key=lambda k: k[1])
+            doomed += keep[: len(keep) - MAX_WINDOWS]
+        if doomed:
+            self._pruned_through = max(self._pruned_through, *(k[1] for k in doomed))
+            for k in doomed:
+                del self._counters[k]
+            self._live_lo = max(self._live_lo, self._pruned_through + 1)
+        behind = self._step - self.s.skew_steps <= self._pruned_through
+        if behind and not self._gap_reported:
+            events.append(
+                Event(
+                    EventKind.REPLAY_STATE_GAP,
+                    b"",
+                    reason=f"the clock (step {self._step}) stands where replay state was "
+                    f"pruned (through step {self._pruned_through}): knocks for those steps "
+                    "are refused until the clock passes it -- check the system clock",
+                    code="clock_behind_replay_state",
+                )
+            )
+        self._gap_reported = behind
+        return events
 
     # --- time ------------------------------------------------------------------
 
@@ -429,7 +467,11 @@ class Engine:
         """
         if not self._step_start <= wall < self._step_end:
             self._roll(wall)
-        events = self._expire(mono)
+        events: list[Event] = []
+        if self._pruned_at != self._step:
+            self._pruned_at = self._step
+            events += self._prune_windows()
+        self._expire(mono)
         retire = budget
         while retire > 0 and self._retiring:
             self._remove_candidate(*self._retiring.pop())
@@ -458,22 +500,10 @@ class Engine:
                     self._add_candidate(user.name, upcoming, counter)
                     budget -= 1
 
-    def _expire(self, mono: float) -> list[Event]:
-        events: list[Event] = []
-        for key in list(self._grants):
-            grants = self._grants[key]
-            for name in [n for n, g in grants.items() if g.expires <= mono]:
-                del grants[name]
-                src, dst = _split(key)
-                events.append(Event(EventKind.GRANT_EXPIRED, src, dst, name, None, "window closed"))
-            if not grants:
-                del self._grants[key]
-        for key in [k for k, until in self._behind.items() if until <= mono]:
-            del self._behind[key]
+    def _expire(self, mono: float) -> None:
         timeout = self.s.sequence_timeout
         for key in [k for k, src in self._sources.items() if mono - src.last > timeout]:
             del self._sources[key]
-        return events
 
     # --- the packet path -------------------------------------------------------
 
@@ -489,8 +519,6 @@ class Engine:
         slices them out of the IP header in one piece)."""
         if not self._step_start <= wall < self._step_end:
             self._roll(wall)
-        if port in self._protect:
-            return self._protected(key, port, mono)
         if self._is_knock[port]:
             source = self._sources.get(key)
             if source is None:
@@ -511,46 +539,19 @@ class Engine:
                     return DROP_SILENT
                 if recent[i + 2] >> _TRIES_SHIFT > self.s.stray_budget:
                     return DROP_SILENT  # this source spent its stray budget: ignored
-            return self._knock(key, source, port, mono)
+            return self._knock(key, source, port, wall, mono)
         return DROP_SILENT
 
-    def _protected(self, key: bytes, port: int, mono: float) -> Decision:
-        dests = self.s.protect[port]
-        src, dst = _split(key)
-        if dests is None or dst in dests:
-            grants = self._grants.get(key)
-            if grants:
-                for grant in grants.values():
-                    if port in grant.ports and grant.remaining > 0 and grant.expires > mono:
-                        grant.remaining -= 1
-                        left = grant.remaining
-                        if left == 0:
-                            del grants[grant.user]
-                            if not grants:
-                                del self._grants[key]
-                        reason = f"grant used, {left} connection(s) left"
-                        ev = Event(EventKind.PROTECTED_ACCEPT, src, dst, grant.user, port, reason)
-                        return Decision(Verdict.ACCEPT, (ev,))
-            until = self._behind.get(key)
-            if until is not None and until > mono:
-                reason = "stale sequence: client is behind"
-                ev = Event(EventKind.PROTECTED_REJECT, src, dst, None, port, reason)
-                return Decision(Verdict.REJECT, (ev,))
-            reason = "no grant"
-        else:
-            reason = "not protected at this destination"
-        return Decision(
-            Verdict.DROP, (Event(EventKind.PROTECTED_DROP, src, dst, None, port, reason),)
-        )
-
-    def _knock(self, key: bytes, source: Source | None, port: int, mono: float) -> Decision:
+    def _knock(
+        self, key: bytes, source: Source | None, port: int, wall: float, mono: float
+    ) -> Decision:
         events: list[Event] = []
         matched = False
         if source is not None:
             self._sources.move_to_end(key)
-            matched = self._continue(key, source, port, mono, events)
+            matched = self._continue(key, source, port, wall, mono, events)
         if not matched and self._near_map[port]:
-            matched = self._start_pair(key, source, port, mono, events)
+            matched = self._start_pair(key, source, port, wall, mono, events)
             source = self._sources.get(key)
         if source is not None:
             source.last = mono
@@ -573,7 +574,13 @@ class Engine:
         return Decision(Verdict.DROP, tuple(events)) if events else DROP_SILENT
 
     def _continue(
-        self, key: bytes, source: Source, port: int, mono: float, events: list[Event]
+        self,
+        key: bytes,
+        source: Source,
+        port: int,
+        wall: float,
+        mono: float,
+        events: list[Event],
     ) -> bool:
         """Advance the source's started candidates; True when the knock fit one."""
         matched = False
@@ -602,13 +609,19 @@ class Engine:
                 prog.next += 1
             if prog.next == len(ports):
                 del source.progress[cid]
-                events.extend(self._complete(key, source, cand, mono))
+                events.extend(self._complete(key, source, cand, wall, mono))
             else:
                 events.append(self._progress_event(key, cand, port, prog.next))
         return matched
 
     def _start_pair(
-        self, key: bytes, source: Source | None, port: int, mono: float, events: list[Event]
+        self,
+        key: bytes,
+        source: Source | None,
+        port: int,
+        wall: float,
+        mono: float,
+        events: list[Event],
     ) -> bool:
         """Start candidates that this knock and an earlier unmatched one both begin.
 
@@ -653,7 +666,7 @@ class Engine:
                         source = self._new_source(key, mono, events)
                     if cid in source.progress:
                         continue
-                    self._start(source, cand, first, second, mono, key, events)
+                    self._start(source, cand, first, second, wall, mono, key, events)
                     started = True
             # Keep the newest _RECENT knocks (ports are never 0, so 0 means empty) and
             # count the attempts that started nothing: past the stray budget the
@@ -698,6 +711,7 @@ class Engine:
         cand: Candidate,
         first: int,
         second: int,
+        wall: float,
         mono: float,
         key: bytes,
         events: list[Event],
@@ -714,37 +728,33 @@ class Engine:
         progress[cand.cid] = prog
         if prog.next == len(cand.ports):  # a two-port sequence
             del progress[cand.cid]
-            events.extend(self._complete(key, source, cand, mono))
+            events.extend(self._complete(key, source, cand, wall, mono))
 
-    def _complete(self, key: bytes, source: Source, cand: Candidate, mono: float) -> list[Event]:
-        src, dst = _split(key)
-        user = self._users.get(cand.user)
+    def _complete(
+        self, key: bytes, source: Source, cand: Candidate, wall: float, mono: float
+    ) -> list[Event]:
+        """A source completed a candidate: claim its counter here (a replay right
+        behind it is stale already) and hand the access to the gate, or -- counter
+        spent -- mark the source behind."""
         source.strays = 0
-        current = self._counters.get((cand.user, cand.step), 0)
+        user = self._users.get(cand.user)
         if user is None or not user.enabled:
             return []
-        if cand.counter < current:
-            self._behind[key] = mono + self.s.open_seconds
-            self._behind.move_to_end(key)
-            while len(self._behind) > self.s.max_sources:
-                self._behind.popitem(last=False)
-            return [
-                Event(
-                    EventKind.SEQUENCE_STALE,
-                    src,
-                    dst,
-                    cand.user,
-                    None,
-                    f"counter {cand.counter} of step {cand.step} already used "
-                    f"(current {current}): replay or a client behind",
-                )
-            ]
-        # Current (or within the look-ahead): the counter moves past it; the
-        # candidates follow (the next counters in, the oldest stale ones out).
+        window = self._window(cand.user, cand.step)
+        lookahead = self._lookahead(user)
+        if not window.claimable(cand.counter, lookahead):
+            return self.gate.stale(
+                key,
+                cand.user,
+                mono,
+                f"counter {cand.counter} of step {cand.step} already used "
+                f"(next {window.floor}): replay or a client behind",
+                "counter_spent",
+            )
         had = self._wanted_counters(user, cand.step)
-        self._counters[(cand.user, cand.step)] = cand.counter + 1
+        window.claim(cand.counter, lookahead)
         self._refresh(user, cand.step, had)
-        ports = self._grant_ports(user, dst)
+        src, dst = _split(key)
         events = [
             Event(
                 EventKind.SEQUENCE_COMPLETED,
@@ -753,115 +763,70 @@ class Engine:
                 cand.user,
                 None,
                 f"step {cand.step} counter {cand.counter}",
+                "sequence_completed",
             )
         ]
-        if not ports:
-            events.append(
-                Event(EventKind.GRANT_OPENED, src, dst, cand.user, None, "no protected port here")
-            )
-            return events
-        grants = self._grants.setdefault(key, {})
-        grants[cand.user] = Grant(
-            cand.user, ports, self.s.max_connections, mono + self.s.open_seconds
-        )
-        self._grants.move_to_end(key)
-        while len(self._grants) > self.s.max_grants:
-            old_key, old = self._grants.popitem(last=False)
-            osrc, odst = _split(old_key)
-            for name in old:
-                events.append(
-                    Event(EventKind.GRANT_REVOKED, osrc, odst, name, None, "grant table full")
-                )
-        self._behind.pop(key, None)
-        events.append(
-            Event(
-                EventKind.GRANT_OPENED,
-                src,
-                dst,
-                cand.user,
-                None,
-                f"ports {','.join(map(str, sorted(ports)))} for {self.s.open_seconds:g}s, "
-                f"{self.s.max_connections} connection(s)",
-            )
-        )
+        claim = CounterClaim(cand.user, cand.step, cand.counter, lookahead)
+        access = Access(cand.user, src, dst, claim, "knock", origin=src)
+        events += self.gate.earn(access, wall, mono)
         return events
 
-    def _grant_ports(self, user: User, dst: bytes) -> frozenset[int]:
-        ports = {port for port, dests in self.s.protect.items() if dests is None or dst in dests}
-        if user.ports is not None:
-            ports &= user.ports
-        return frozenset(ports)
+    def note_spent(self, user: str, step: int, counter: int) -> None:
+        """A counter was spent elsewhere (another worker or gateway, as the state
+        store reports): this copy agrees from now on."""
+        u = self._users.get(user)
+        if u is None:
+            return
+        had = self._wanted_counters(u, step)
+        self._window(user, step).mark_spent(counter)
+        self._refresh_if_indexed(u, step, had)
+
+    def merge_window(self, user: str, step: int, window: CounterWindow) -> None:
+        """Merge what another copy knows was spent in (user, step)."""
+        u = self._users.get(user)
+        if u is None:
+            return
+        had = self._wanted_counters(u, step)
+        self._window(user, step).merge(window)
+        self._refresh_if_indexed(u, step, had)
+
+    def _refresh_if_indexed(self, user: User, step: int, had: range) -> None:
+        """Refresh the candidates of (user, step) if that step has candidates at all
+        (live, or staged for the next step); other steps are just counters."""
+        if step == HOTP_STEP or self._live_lo <= step <= self._live_hi + 1:
+            self._refresh(user, step, had)
 
     # --- introspection and persistence ----------------------------------------
 
     def counters(self) -> dict[str, dict[int, int]]:
+        """user -> step -> floor (the lowest counter not spent)."""
         out: dict[str, dict[int, int]] = {}
-        for (user, step), nxt in self._counters.items():
-            out.setdefault(user, {})[step] = nxt
+        for (user, step), window in self._counters.items():
+            out.setdefault(user, {})[step] = window.floor
         return out
 
-    def grants(self, wall: float, mono: float) -> list[dict[str, Any]]:
-        out = []
-        for key, grants in self._grants.items():
-            src, dst = _split(key)
-            for g in grants.values():
-                if g.expires > mono:
-                    out.append(
-                        {
-                            "source": addr_text(src),
-                            "destination": addr_text(dst),
-                            "user": g.user,
-                            "ports": sorted(g.ports),
-                            "remaining": g.remaining,
-                            "expires": round(wall + (g.expires - mono), 3),
-                        }
-                    )
-        return out
+    def windows(self) -> list[tuple[str, int, CounterWindow]]:
+        return [(u, t, w) for (u, t), w in sorted(self._counters.items()) if w.floor]
+
+    def replay_horizon(self) -> tuple[int, int]:
+        """(highest step ever live, highest step whose replay state was pruned)."""
+        return self._high_step, self._pruned_through
 
     def tracked_sources(self) -> int:
         return len(self._sources)
 
-    def export_state(self, wall: float, mono: float) -> dict[str, Any]:
-        """Counters and live grants as plain data (wall-clock expiry)."""
-        return {
-            "version": 1,
-            "counters": [
-                {"user": u, "step": t, "next": n} for (u, t), n in sorted(self._counters.items())
-            ],
-            "grants": self.grants(wall, mono),
-        }
-
-    def restore_state(self, data: Mapping[str, Any], wall: float, mono: float) -> int:
-        """Load what :meth:`export_state` wrote.  Unknown users and dead entries are
-        skipped; malformed data raises ``ValueError``.  Returns entries restored."""
-        if data.get("version") != 1:
-            raise ValueError(f"unsupported state version {data.get('version')!r}")
-        restored = 0
-        counters: dict[tuple[str, int], int] = {}
-        for item in data.get("counters", []):
-            user, step, nxt = str(item["user"]), int(item["step"]), int(item["next"])
-            if nxt < 0 or step < HOTP_STEP:
-                raise ValueError(f"bad counter entry {item!r}")
+    def restore_counters(
+        self, windows: Iterable[tuple[str, int, CounterWindow]], high_step: int, pruned: int
+    ) -> int:
+        """Merge stored counter windows (validated by the store) into this copy; windows
+        of users unknown here are dropped.  Returns how many were taken."""
+        taken = 0
+        for user, step, window in windows:
             if user in self._users:
-                counters[(user, step)] = max(nxt, self._counters.get((user, step), 0))
-        grants: list[tuple[bytes, Grant]] = []
-        for item in data.get("grants", []):
-            src = ipaddress.ip_address(str(item["source"])).packed
-            dst = ipaddress.ip_address(str(item["destination"])).packed
-            if len(src) != len(dst):
-                raise ValueError(f"mixed address families in {item!r}")
-            expires = float(item["expires"]) - wall + mono
-            owner = self._users.get(str(item["user"]))
-            if owner is None or not owner.enabled or expires <= mono:
-                continue
-            ports = frozenset(int(p) for p in item["ports"]) & self._grant_ports(owner, dst)
-            remaining = min(int(item["remaining"]), self.s.max_connections)
-            if ports and remaining > 0:
-                grants.append((src + dst, Grant(owner.name, ports, remaining, expires)))
-        self._counters.update(counters)
-        restored += len(counters)
-        for key, grant in grants:
-            self._grants.setdefault(key, {})[grant.user] = grant
-            restored += 1
+                self._window(user, step).merge(window)
+                taken += 1
+        self._pruned_through = max(self._pruned_through, pruned)
+        self._high_step = max(self._high_step, high_step)
+        self._live_lo = max(self._live_lo, self._pruned_through + 1)
         self._rebuild()
-        return restored
+        return taken

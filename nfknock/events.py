@@ -12,6 +12,10 @@ class Verdict(enum.IntEnum):
     DROP = 0
     ACCEPT = 1
     REJECT = 2  # a TCP reset, sent by the static rule for nfknock's reject mark
+    # Not a kernel verdict: the adapter keeps the packet (bounded, briefly) until the
+    # claim of the grant it would use resolves, then decides it again.  Fails closed:
+    # a packet held too long, or that finds no room, is dropped.
+    HOLD = 3
 
 
 class EventKind(enum.Enum):
@@ -22,6 +26,9 @@ class EventKind(enum.Enum):
     GRANT_OPENED = "grant_opened"
     GRANT_EXPIRED = "grant_expired"
     GRANT_REVOKED = "grant_revoked"
+    GRANT_NARROWED = "grant_narrowed"
+    CLAIM_FAILED = "claim_failed"
+    REPLAY_STATE_GAP = "replay_state_gap"
     PROTECTED_ACCEPT = "protected_accept"
     PROTECTED_REJECT = "protected_reject"
     PROTECTED_DROP = "protected_drop"

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -30,25 +28,3 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def save_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-class StateError(Exception):
-    """The state file exists but cannot be used."""
-
-
-def load_json(path: Path) -> Any | None:
-    """The parsed file, or None when it does not exist."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StateError(f"{path}: {exc.strerror}") from None
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StateError(f"{path}: not valid JSON ({exc})") from None

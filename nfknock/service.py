@@ -1,10 +1,20 @@
-"""The daemon's logic between the queue and the engine, without netfilterqueue.
+"""The daemon's logic between the queues and the core, without netfilterqueue.
 
-:class:`Service` owns the engine, the configuration, the state file and the event
-log.  The NFQUEUE adapter (:mod:`nfknock.daemon`) hands it each packet through
-:meth:`Service.decide_packet`, applies the answer, then calls :meth:`Service.settle`;
-:meth:`Service.verdict_for` does both at once (for callers without a verdict to give
-in between, such as the tests).
+:class:`Service` owns the verdict core (:mod:`nfknock.core`), the configuration, the
+state store (through its thread, :mod:`nfknock.store.worker`) and the event log.
+The NFQUEUE adapter (:mod:`nfknock.daemon`):
+
+1. hands each packet to :meth:`Service.decide_packet` and gives the verdict --
+   ``Verdict.HOLD`` means "keep the packet until its grant's claim resolves";
+2. calls :meth:`Service.settle` after the verdict: events are logged and new claims
+   go to the store thread (logging and disk never delay a verdict);
+3. calls :meth:`Service.on_claims` when the store thread's fd is readable: outcomes
+   confirm or void pending grants (then held packets are decided again);
+4. calls :meth:`Service.tick` a few times a second.
+
+Reloads never stall the packet path: the new configuration is read and the new
+knock engine built in a thread (:meth:`Service.prepare_reload`), then swapped in
+between packets (:meth:`Service.finish_reload`), with every grant re-checked.
 """
 
 from __future__ import annotations
@@ -12,22 +22,45 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nfknock.config import Config, ConfigError, load_config
+from nfknock.core import Core
 from nfknock.engine import Engine, EngineSettings
 from nfknock.events import Event, EventKind, Verdict
-from nfknock.fileio import StateError, load_json, save_json
+from nfknock.gate import Outcome
 from nfknock.logs import EventLogger
 from nfknock.packet import MalformedPacket, parse_key
+from nfknock.store import Snapshot, StateError, StateStore
+from nfknock.store.embedded import EmbeddedStore
+from nfknock.store.worker import StoreWorker
 
-# Events after which the persisted state is out of date.  A used counter is saved
-# before the knock that used it is answered (replay protection across kill -9); a
-# spent connection of a grant is saved at the next housekeeping (at most a quarter
-# of a second later: a crash in between can leave one connection more in a grant).
-SAVE_NOW = frozenset({EventKind.SEQUENCE_COMPLETED, EventKind.GRANT_REVOKED})
-SAVE_SOON = frozenset({EventKind.PROTECTED_ACCEPT})
+
+def open_store(cfg: Config, *, lock: bool = True) -> StateStore:
+    return EmbeddedStore(
+        cfg.state_path,
+        replay_cache=cfg.spa.replay_cache,
+        max_age=cfg.spa.max_age,
+        lock=lock,
+    )
+
+
+@dataclass
+class Restored:
+    counters: int
+    grants: int
+    clean: bool
+    fresh: bool
+    writable: bool
+
+
+@dataclass
+class PreparedReload:
+    cfg: Config
+    engine: Engine
+    how: str
 
 
 class Service:
@@ -37,106 +70,151 @@ class Service:
         events: EventLogger,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
+        store: StateStore | None = None,
     ) -> None:
         self.cfg = cfg
         self.events = events
         self.wall = wall
         self.mono = mono
-        self.engine = Engine(EngineSettings.from_config(cfg), cfg.users, wall())
-        self.verdicts = [0, 0, 0]  # indexed by Verdict
-        self.dirty = False  # state to save at the next tick
+        self.core = Core(EngineSettings.from_config(cfg), cfg.users, wall())
+        self.store = StoreWorker(store if store is not None else open_store(cfg), wall)
+        self.verdicts = [0, 0, 0, 0]  # indexed by Verdict
         self.pending: tuple[Event, ...] = ()  # events of the latest decision
         self.now = mono()  # the monotonic time of the latest packet
         self.wall_offset = wall() - self.now
         self.malformed = 0
         self.errors = 0
+        self.claim_failures = 0
         self.started = wall()
+        self.state_error = ""  # why claims cannot be recorded, if known
+        self._horizon = self.core.knocks.replay_horizon()
+
+    @property
+    def engine(self) -> Engine:
+        """The knock engine (tests and benchmarks reach into it)."""
+        return self.core.knocks
 
     # --- state ---------------------------------------------------------------
 
-    def restore(self) -> tuple[int, bool]:
-        """Load the state file: (entries restored, whether the last run ended
-        cleanly).  Counters always come back.  Grants come back only after a clean
-        exit: their spent connections are saved lazily, so after a crash a grant
-        could hold one connection too many -- it is dropped instead (fail closed;
-        established connections are not affected, the client knocks again).  A
-        corrupt file is fatal (StateError): without the counters a sniffed sequence
-        could be replayed."""
-        data = load_json(self.cfg.state_path)
-        if data is None:
-            return 0, True
-        if not isinstance(data, dict):
-            raise StateError(f"{self.cfg.state_path}: not a JSON object")
-        clean = data.get("clean") is True
-        if not clean:
-            data = {**data, "grants": []}
+    def restore(self) -> Restored:
+        """Load the state (StateError when it cannot be used: the daemon must not
+        start and forget counters), then durably mark it in use.  Grants come back
+        only after a clean exit.  A state that loads but cannot be written leaves the
+        daemon running with every claim failing (nothing opens) and says why."""
+        snap: Snapshot = self.store.call(lambda s: s.load(self.wall()))
+        wall, mono = self.wall(), self.mono()
+        counters = self.core.knocks.restore_counters(
+            snap.windows, snap.high_step, snap.pruned_through
+        )
+        writable = True
         try:
-            return self.engine.restore_state(data, self.wall(), self.mono()), clean
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StateError(f"{self.cfg.state_path}: unusable state ({exc})") from None
+            self.store.call(lambda s: s.begin())
+        except StateError as exc:
+            writable = False
+            self.state_error = str(exc)
+        grants = self.core.restore_grants(snap.grants, wall, mono) if writable else 0
+        self._horizon = self.core.knocks.replay_horizon()
+        return Restored(counters, grants, snap.clean, snap.fresh, writable)
 
-    def save(self, clean: bool = False) -> None:
-        """Write counters and grants; ``clean`` only at an orderly exit."""
-        state = self.engine.export_state(self.wall(), self.mono())
-        save_json(self.cfg.state_path, {**state, "clean": clean})
-        self.dirty = False
+    def stop(self) -> None:
+        """An orderly exit: wait briefly for claims under way, save the live grants
+        and mark the state clean."""
+        self.flush_claims(timeout=2.0)
+        wall, mono = self.wall(), self.mono()
+        grants = self.core.grant_records(wall, mono)
+        high, pruned = self.core.knocks.replay_horizon()
+        try:
+            self.store.call(lambda s: s.finish(grants, high, pruned))
+        finally:
+            self.store.call(lambda s: s.close())
+            self.store.close()
 
     # --- packets -------------------------------------------------------------
 
     def verdict_for(self, payload: bytes) -> Verdict:
-        """The verdict for one queued packet, its events handled.  Never raises."""
+        """The verdict for one queued packet with its events and claims handled, as
+        if the store answered at once (tests, and callers without a queue)."""
         verdict = self.decide_packet(payload)
         self.settle()
+        if self.flush_claims() and verdict is Verdict.HOLD:
+            verdict = self.decide_packet(payload)
+            self.settle()
         return verdict
 
     def decide_packet(self, payload: bytes) -> Verdict:
-        """The verdict for one queued packet; its events wait for :meth:`settle`,
-        which the daemon calls right after giving the verdict (logging and saving
-        stay off the verdict's latency; a used counter is still on disk before the
-        next packet -- and so before any grant it opened is used).  Never raises:
-        anything unexpected is DROP plus an event (fail closed)."""
+        """The verdict for one queued packet; its events wait for :meth:`settle`.
+        Never raises: anything unexpected is DROP plus an event (fail closed)."""
         try:
             # One clock read a packet: wall time follows the monotonic clock, the
             # offset re-read at every tick (a clock step shows within 0.25 s).
             mono = self.now = self.mono()
             key, port = parse_key(payload)
-            decision = self.engine.decide_key(key, port, mono + self.wall_offset, mono)
+            decision = self.core.decide_key(key, port, mono + self.wall_offset, mono)
             if decision.events:
                 self.pending = decision.events
             self.verdicts[decision.verdict] += 1
             return decision.verdict
         except MalformedPacket as exc:
             self.malformed += 1
-            self._log(Event(EventKind.MALFORMED_PACKET, _src_of(payload), reason=exc.reason))
+            self._log(
+                Event(
+                    EventKind.MALFORMED_PACKET, _src_of(payload), reason=exc.reason, code=exc.reason
+                )
+            )
         except Exception as exc:  # a bug: still a verdict, still running
             self.internal_error(exc, payload)
         self.verdicts[Verdict.DROP] += 1
         return Verdict.DROP
 
     def settle(self) -> None:
-        """Log (and, where needed, save) the events of the latest decision."""
+        """Log the events of the latest decision; send new claims to the store."""
         if self.pending:
             events, self.pending = self.pending, ()
             self._handle_events(events)
+        claims = self.core.gate.outbox
+        if claims:
+            self.store.submit(self.core.take_claims())
+
+    def claims_fd(self) -> int:
+        return self.store.fileno()
+
+    def on_claims(self) -> int:
+        """Resolve the outcomes the store thread has; returns how many."""
+        outcomes = self.store.drain()
+        mono = self.mono()
+        for outcome in outcomes:
+            if outcome.outcome is Outcome.FAILED:
+                self.claim_failures += 1
+                self.state_error = outcome.detail
+            elif outcome.outcome is Outcome.WON:
+                self.state_error = ""
+            self._handle_events(self.core.resolve(outcome, mono))
+        return len(outcomes)
+
+    def flush_claims(self, timeout: float = 5.0) -> int:
+        """Wait until every submitted claim is resolved (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        resolved = 0
+        while self.core.gate.pending_count() and time.monotonic() < deadline:
+            got = self.on_claims()
+            resolved += got
+            if not got:
+                time.sleep(0.001)
+        return resolved
 
     def verdict_counts(self) -> dict[str, int]:
         return {v.name.lower(): self.verdicts[v] for v in Verdict}
 
-    def internal_error(self, exc: Exception, payload: bytes) -> None:
+    def internal_error(self, exc: BaseException, payload: bytes) -> None:
         self.errors += 1
         reason = f"{type(exc).__name__}: {exc}"
-        self._log(Event(EventKind.INTERNAL_ERROR, _src_of(payload), reason=reason))
+        self._log(
+            Event(EventKind.INTERNAL_ERROR, _src_of(payload), reason=reason, code="internal_error")
+        )
 
     def _handle_events(self, events: Iterable[Event]) -> None:
-        now = False
         for event in events:
             self._log(event)
-            now = now or event.kind in SAVE_NOW
-            self.dirty = self.dirty or event.kind in SAVE_SOON
-        if now:
-            # Synchronously, before the verdict: a counter that was used must be on
-            # disk before anyone can rely on the grant (kill -9 safe).
-            self.save()
 
     def _log(self, event: Event) -> None:
         try:
@@ -148,44 +226,63 @@ class Service:
 
     def tick(self) -> None:
         self.wall_offset = self.wall() - self.mono()
-        events = self.engine.tick(self.wall(), self.mono())
+        events = self.core.tick(self.wall(), self.mono())
         if events:
             self._handle_events(events)
-        if self.dirty:
-            self.save()
+        horizon = self.core.knocks.replay_horizon()
+        if horizon != self._horizon:
+            self._horizon = horizon
+            high, pruned = horizon
+            self.store.submit_call(lambda s: s.save_horizon(high, pruned))
         self.events.flush_suppressed()
 
-    def reload(self) -> str:
-        """Re-read configuration and users; keep progress, grants and counters.
+    # --- reload ------------------------------------------------------------------
 
-        A bad configuration keeps the running one (raises ConfigError, nothing
-        applied)."""
+    def prepare_reload(self, snapshot: Any) -> PreparedReload:
+        """Read and validate the configuration and build the new knock engine (may
+        run in a thread: it touches only new objects and ``snapshot``, which the
+        caller took with :meth:`reload_snapshot`).  Raises ConfigError."""
         new = load_config(self.cfg.path)
-        old_settings = EngineSettings.from_config(self.cfg)
-        new_settings = EngineSettings.from_config(new)
-        if new.queue.number != self.cfg.queue.number:
-            raise ConfigError(new.path, "queue.number", "changing the queue needs a restart")
-        if new_settings == old_settings:
-            events = self.engine.set_users(new.users, self.mono())
-            how = "users reloaded"
-        else:
-            # Knock parameters changed: the sequences in flight are void; carry
-            # counters and grants over.
-            state = self.engine.export_state(self.wall(), self.mono())
-            engine = Engine(new_settings, new.users, self.wall())
-            engine.restore_state(state, self.wall(), self.mono())
-            events = []
-            self.engine = engine
-            how = "configuration reloaded (knock parameters changed: progress reset)"
-        self.cfg = new
+        if list(new.queue.priority_queues()) != list(self.cfg.queue.priority_queues()) or list(
+            new.queue.knock_queues()
+        ) != list(self.cfg.queue.knock_queues()):
+            raise ConfigError(new.path, "queue", "changing the queues needs a restart")
+        if new.state_path != self.cfg.state_path:
+            raise ConfigError(new.path, "state.path", "changing the state file needs a restart")
+        settings = EngineSettings.from_config(new)
+        changed = settings != self.core.s
+        engine = self.core.build_engine(settings, new.users, self.wall(), snapshot)
+        how = (
+            "configuration reloaded (knock parameters changed)"
+            if changed
+            else "configuration reloaded"
+        )
+        return PreparedReload(new, engine, how)
+
+    def reload_snapshot(self) -> Any:
+        """What :meth:`prepare_reload` needs from the live core (call between packets)."""
+        return self.core.snapshot_windows()
+
+    def finish_reload(self, prepared: PreparedReload) -> str:
+        """Swap the prepared engine in (between packets): counters spent meanwhile are
+        merged, every grant re-checked against the new configuration (events)."""
+        events = self.core.swap(prepared.engine, self.mono())
+        self.cfg = prepared.cfg
         self._handle_events(events)
-        self.save()
-        return how
+        return prepared.how
+
+    def reload(self) -> str:
+        """Prepare and finish at once (tests, and the CLI without a daemon)."""
+        return self.finish_reload(self.prepare_reload(self.reload_snapshot()))
+
+    # --- status --------------------------------------------------------------------
 
     def status(self, queue_stats: dict[str, Any] | None = None) -> dict[str, Any]:
         wall, mono = self.wall(), self.mono()
-        step = self.engine.step
-        counters = {user: steps.get(step, 0) for user, steps in self.engine.counters().items()}
+        step = self.core.step
+        counters = {user: steps.get(step, 0) for user, steps in self.core.knocks.counters().items()}
+        worker = self.store
+        busy = round(time.monotonic() - worker.busy_since, 3) if worker.busy_since else 0.0
         return {
             "pid": os.getpid(),
             "uptime": round(wall - self.started, 1),
@@ -194,11 +291,21 @@ class Service:
                 u.name: {"enabled": u.enabled, "counter": counters.get(u.name, 0)}
                 for u in self.cfg.users
             },
-            "grants": self.engine.grants(wall, mono),
-            "tracked_sources": self.engine.tracked_sources(),
+            "grants": self.core.grant_list(wall, mono),
+            "tracked_sources": self.core.knocks.tracked_sources(),
             "verdicts": self.verdict_counts(),
             "malformed": self.malformed,
             "internal_errors": self.errors,
+            "state": {
+                "store": worker.store.description,
+                "ok": not self.state_error,
+                "error": self.state_error,
+                "claims": worker.claims,
+                "claim_failures": self.claim_failures,
+                "pending_claims": self.core.gate.pending_count(),
+                "claim_busy_seconds": busy,
+                "last_claim_ms": round(worker.last_claim_seconds * 1000, 2),
+            },
             "queue": queue_stats or {},
         }
 

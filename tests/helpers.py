@@ -7,8 +7,10 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from nfknock.config import User
-from nfknock.engine import Engine, EngineSettings
+from nfknock.core import Core
+from nfknock.engine import EngineSettings
 from nfknock.events import Decision, EventKind, Verdict
+from nfknock.gate import ClaimOutcome, Outcome
 from nfknock.sequence import SequenceParams, derive, step_of
 
 SECRET_A = bytes(range(32))
@@ -55,22 +57,44 @@ class Clock:
         self.mono += seconds
 
 
+class InstantCore(Core):
+    """A core whose claims are won at once, as if an in-memory store always agreed
+    (``auto_resolve = False`` leaves them in the outbox for the test to answer)."""
+
+    auto_resolve = True
+
+    def decide_key(self, key: bytes, port: int, wall: float, mono: float) -> Decision:
+        decision = super().decide_key(key, port, wall, mono)
+        if self.auto_resolve and self.gate.outbox:
+            events = list(decision.events)
+            for request in self.take_claims():
+                events += self.resolve(ClaimOutcome(request.id, Outcome.WON), mono)
+            decision = Decision(decision.verdict, tuple(events))
+        return decision
+
+    def counters(self) -> dict[str, dict[int, int]]:
+        return self.knocks.counters()
+
+    def tracked_sources(self) -> int:
+        return self.knocks.tracked_sources()
+
+
 def make(
     users: Iterable[User] = (), clock: Clock | None = None, **kw: object
-) -> tuple[Engine, Clock]:
+) -> tuple[InstantCore, Clock]:
     clock = clock or Clock()
     users = list(users) or [alice()]
-    return Engine(settings(**kw), users, clock.wall), clock
+    return InstantCore(settings(**kw), users, clock.wall), clock
 
 
-def seq(engine: Engine, user: User, wall: float, counter: int = 0) -> tuple[int, ...]:
+def seq(engine: Core, user: User, wall: float, counter: int = 0) -> tuple[int, ...]:
     return derive(
         user.secret, step_of(wall, engine.s.params.step_seconds), counter, engine.s.params
     )
 
 
 def knock_all(
-    engine: Engine,
+    engine: Core,
     clock: Clock,
     ports: Iterable[int],
     src: bytes = CLIENT,
@@ -85,7 +109,7 @@ def knock_all(
 
 
 def syn(
-    engine: Engine, clock: Clock, port: int = 22, src: bytes = CLIENT, dst: bytes = SERVER
+    engine: Core, clock: Clock, port: int = 22, src: bytes = CLIENT, dst: bytes = SERVER
 ) -> Verdict:
     return engine.decide(src, dst, port, clock.wall, clock.mono).verdict
 

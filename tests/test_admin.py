@@ -10,12 +10,12 @@ import pytest
 
 from nfknock.cli import main
 from nfknock.config import load_config
-from nfknock.engine import Engine, EngineSettings
+from nfknock.engine import EngineSettings
 from nfknock.events import Verdict
 from nfknock.schemes import step_for
 from nfknock_client import cli as client
 
-from .helpers import CLIENT, SERVER
+from .helpers import CLIENT, SERVER, InstantCore
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def cfg(tmp_path: Path) -> Path:
                 "--config",
                 str(path),
                 "--state",
-                str(tmp_path / "state.json"),
+                str(tmp_path / "state.db"),
                 "--socket",
                 str(tmp_path / "ctl.sock"),
             ]
@@ -84,7 +84,7 @@ def test_printed_profile_pasted_into_the_client_opens_the_door(
     )
     config = load_config(cfg)
     wall, mono = 1_700_000_010.0, 100.0
-    engine = Engine(EngineSettings.from_config(config), config.users, wall)
+    engine = InstantCore(EngineSettings.from_config(config), config.users, wall)
     ports = target.scheme.derive(target.secret, step_for(target.scheme, wall), 0)
     for port in ports:
         engine.decide(CLIENT, SERVER, port, wall, mono)

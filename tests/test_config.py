@@ -72,7 +72,7 @@ address = "198.51.100.20"
 [limits]
 max_sources = 65536
 [state]
-path = "/var/lib/nfknock/state.json"
+path = "/var/lib/nfknock/state.db"
 """
     cfg = load_config(write(tmp_path, text))
     assert cfg.protect[1].address == ipaddress.ip_address("198.51.100.20")

@@ -8,7 +8,6 @@ from array import array
 import pytest
 
 from nfknock.config import User
-from nfknock.engine import Engine
 from nfknock.events import EventKind, Verdict
 
 from .helpers import (
@@ -25,7 +24,6 @@ from .helpers import (
     knock_all,
     make,
     seq,
-    settings,
     syn,
 )
 
@@ -74,7 +72,7 @@ def test_expiry_is_reported_by_tick() -> None:
     clock.advance(6)
     events = engine.tick(clock.wall, clock.mono)
     assert [e.kind for e in events] == [EventKind.GRANT_EXPIRED]
-    assert engine.grants(clock.wall, clock.mono) == []
+    assert engine.grant_list(clock.wall, clock.mono) == []
 
 
 def test_grant_is_bound_to_source_and_destination() -> None:
@@ -338,32 +336,35 @@ def test_progress_per_source_is_bounded() -> None:
     engine, clock = make(users=users, max_progress_per_source=4, stray_budget=1000)
     for u in users:
         knock_all(engine, clock, seq(engine, u, clock.wall)[:2])
-    source = engine._sources[CLIENT + SERVER]
+    source = engine.knocks._sources[CLIENT + SERVER]
     assert len(source.progress) <= 4
 
 
-def test_export_and_restore_keep_counters_and_grants() -> None:
+def test_restored_counter_windows_make_a_replay_stale() -> None:
     engine, clock = make()
     ports = seq(engine, alice(), clock.wall)
     knock_all(engine, clock, ports)
-    data = engine.export_state(clock.wall, clock.mono)
-    fresh = Engine(settings(), [alice()], clock.wall)
-    later = Clock(clock.wall)
+    high, pruned = engine.knocks.replay_horizon()
+    fresh, later = make(clock=Clock(clock.wall))
     later.mono = 50.0  # a new boot: the monotonic clock restarted
-    fresh.restore_state(data, later.wall, later.mono)
-    assert syn(fresh, later) is Verdict.ACCEPT
+    fresh.knocks.restore_counters(engine.snapshot_windows(), high, pruned)
     knock_all(fresh, later, ports, src=CLIENT2)
     assert syn(fresh, later, src=CLIENT2) is Verdict.REJECT
+    assert fresh.counters() == {"alice": {engine.step: 1}}
 
 
-def test_restore_skips_unknown_users_and_expired_grants() -> None:
+def test_restored_grants_open_until_they_expire_and_skip_unknown_users() -> None:
     engine, clock = make()
     knock_all(engine, clock, seq(engine, alice(), clock.wall))
-    data = engine.export_state(clock.wall, clock.mono)
-    fresh = Engine(settings(), [bob()], clock.wall)
-    fresh.restore_state(data, clock.wall, clock.mono)
-    assert fresh.grants(clock.wall, clock.mono) == []
-    assert fresh.counters() == {}
+    records = engine.grant_records(clock.wall, clock.mono)
+    fresh, later = make(clock=Clock(clock.wall))
+    later.mono = 50.0
+    assert fresh.restore_grants(records, later.wall, later.mono) == 1
+    assert syn(fresh, later) is Verdict.ACCEPT
+    stranger, _ = make(users=[bob()], clock=Clock(clock.wall))
+    assert stranger.restore_grants(records, clock.wall, clock.mono) == 0
+    stranger.knocks.restore_counters(engine.snapshot_windows(), -1, -1)
+    assert stranger.counters() == {}
 
 
 def test_tick_stages_the_next_step_so_the_step_change_derives_nothing(
@@ -373,13 +374,13 @@ def test_tick_stages_the_next_step_so_the_step_change_derives_nothing(
     engine, _ = make(users=[alice(), bob()], clock=clock)
     engine.tick(clock.wall, clock.mono)  # stages step T+2 for both users
     derived: list[int] = []
-    real = engine._derive
+    real = engine.knocks._derive
 
     def counting(user: User, step: int, counter: int) -> array[int]:
         derived.append(step)
         return real(user, step, counter)
 
-    monkeypatch.setattr(engine, "_derive", counting)
+    monkeypatch.setattr(engine.knocks, "_derive", counting)
     clock.advance(10)  # into the next step
     engine.tick(clock.wall, clock.mono)
     assert derived == []
@@ -401,7 +402,7 @@ def test_the_step_that_left_the_window_never_opens_even_before_it_is_unindexed()
     old = seq(engine, alice(), clock.wall - 30)  # T-1: fine now, gone after the change
     clock.advance(10)
     engine.tick(clock.wall, clock.mono, budget=0)  # the change, nothing retired yet
-    assert engine._retiring
+    assert engine.knocks._retiring
     knock_all(engine, clock, old)
     assert syn(engine, clock) is Verdict.DROP
 
@@ -422,24 +423,25 @@ def test_retired_candidates_leave_the_start_index_within_a_few_ticks() -> None:
     engine, _ = make(users=[alice(), bob()], clock=clock)
     for _ in range(3):
         engine.tick(clock.wall, clock.mono)
-    before = len(engine._candidates)
+    before = len(engine.knocks._candidates)
+    per_step = 2 * (1 + engine.s.lookahead)  # two users: the floor and its look-ahead
     clock.advance(10)
-    for _ in range(3):
+    for _ in range(per_step):
         engine.tick(clock.wall, clock.mono, budget=1)
-    assert not engine._retiring
-    assert {c.step for c in engine._candidates.values()} == set(
+    assert not engine.knocks._retiring
+    assert {c.step for c in engine.knocks._candidates.values()} == set(
         range(engine.step - 1, engine.step + 2)
     )
-    assert len(engine._candidates) == before - 2
-    indexed = {cid for near in engine._near.values() for cid in near}
-    assert indexed == set(engine._candidates)
+    assert len(engine.knocks._candidates) == before - per_step
+    indexed = {cid for near in engine.knocks._near.values() for cid in near}
+    assert indexed == set(engine.knocks._candidates)
 
 
 def test_a_clock_jump_rebuilds_the_window() -> None:
     engine, clock = make()
     clock.advance(3600)
     engine.tick(clock.wall, clock.mono)
-    assert {c.step for c in engine._candidates.values()} == set(
+    assert {c.step for c in engine.knocks._candidates.values()} == set(
         range(engine.step - 1, engine.step + 2)
     )
     clock.advance(-7200)
@@ -463,7 +465,7 @@ def test_changing_a_users_scheme_voids_the_old_sequences() -> None:
     engine, clock = make()
     old = seq(engine, alice(), clock.wall)
     events = engine.set_users([alice(scheme=make_scheme("totp-knockd-rs"))], clock.mono)
-    assert events == []
+    assert events == []  # no grant to revoke
     knock_all(engine, clock, old)
     assert syn(engine, clock) is Verdict.DROP
 
@@ -472,7 +474,7 @@ def test_an_untracked_source_past_its_stray_budget_is_ignored_until_its_slot_exp
     users = [alice(name=f"u{i}", secret=(i + 1).to_bytes(2, "big") * 16) for i in range(300)]
     engine, clock = make(users=users, stray_budget=3)
     mine = set(seq(engine, users[0], clock.wall))
-    near = [p for p in range(1024, 33792) if engine._near_map[p] and p not in mine]
+    near = [p for p in range(1024, 33792) if engine.knocks._near_map[p] and p not in mine]
     knock_all(engine, clock, near[:200], gap=0.0001)  # a sweep of near ports, one source
     knock_all(engine, clock, seq(engine, users[0], clock.wall), gap=0.0001)
     assert syn(engine, clock) is Verdict.DROP  # ignored while the budget is spent

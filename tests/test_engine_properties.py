@@ -49,7 +49,7 @@ def test_100k_random_syns_never_open_and_state_stays_bounded(seed: int) -> None:
         assert verdict is Verdict.DROP
         clock.advance(0.0003)
     assert engine.tracked_sources() <= 1024
-    assert engine.grants(clock.wall, clock.mono) == []
+    assert engine.grant_list(clock.wall, clock.mono) == []
 
 
 @settings(max_examples=6, deadline=None)
@@ -112,24 +112,24 @@ def test_any_input_sequence_leaves_the_engine_consistent(script: list[tuple[str,
             engine.set_users([alice(), bob()][: n % 3], clock.mono)
         # invariants
         assert engine.tracked_sources() <= 32
-        retiring = set(engine._retiring)
+        retiring = set(engine.knocks._retiring)
         skew = engine.s.skew_steps
-        for cid, cand in engine._candidates.items():
+        for cid, cand in engine.knocks._candidates.items():
             key = (cand.user, cand.step, cand.counter)
-            assert engine._by_key[key] == cid
+            assert engine.knocks._by_key[key] == cid
             assert engine.users[cand.user].enabled
             # live, staged for the next step, or waiting to be unindexed
             assert -skew <= cand.step - engine.step <= skew + 1 or key in retiring
         for user in engine.users.values():  # every live candidate is there
             for step in range(engine.step - skew, engine.step + skew + 1):
-                for counter in engine._wanted_counters(user, step):
-                    assert not user.enabled or (user.name, step, counter) in engine._by_key
-        for port, near in engine._near.items():
+                for counter in engine.knocks._wanted_counters(user, step):
+                    assert not user.enabled or (user.name, step, counter) in engine.knocks._by_key
+        for port, near in engine.knocks._near.items():
             for cid, positions in near.items():
                 assert positions and positions < 1 << (engine.s.reorder_window + 2)
                 for pos in range(positions.bit_length()):
                     if positions >> pos & 1:
-                        assert engine._candidates[cid].ports[pos] == port
-        for g in engine.grants(clock.wall, clock.mono):
+                        assert engine.knocks._candidates[cid].ports[pos] == port
+        for g in engine.grant_list(clock.wall, clock.mono):
             assert 0 < g["remaining"] <= engine.s.max_connections
             assert g["user"] in engine.users

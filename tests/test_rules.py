@@ -73,7 +73,7 @@ def test_gateway_ruleset_matches_golden(suffix: str, render: object) -> None:
 def _default() -> Config:
     text = CONFIG_TEMPLATE.format(
         config="/etc/nfknock/nfknock.toml",
-        state="/var/lib/nfknock/state.json",
+        state="/var/lib/nfknock/state.db",
         users="/etc/nfknock/users.toml",
         socket="/run/nfknock/control.sock",
     )

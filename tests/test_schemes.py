@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from nfknock.cli import main
 from nfknock.config import User
-from nfknock.engine import HOTP_STEP, Engine
+from nfknock.engine import HOTP_STEP
 from nfknock.events import EventKind, Verdict
 from nfknock.schemes import (
     Kommen,
@@ -26,7 +26,7 @@ from nfknock.schemes import (
 from nfknock.sequence import format_base32, parse_base32
 from nfknock_client import cli as client
 
-from .helpers import CLIENT, CLIENT2, Clock, kinds, knock_all, syn
+from .helpers import CLIENT, CLIENT2, Clock, InstantCore, kinds, knock_all, syn
 from .helpers import settings as engine_settings
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "seed-schemes.json").read_text())
@@ -183,10 +183,10 @@ SECRETS = {
 }
 
 
-def _engine(scheme_name: str, clock: Clock, **kw: Any) -> tuple[Engine, User]:
+def _engine(scheme_name: str, clock: Clock, **kw: Any) -> tuple[InstantCore, User]:
     scheme = None if scheme_name == "v1" else make_scheme(scheme_name)
     user = User("u", SECRETS[scheme_name], scheme=scheme, initial_counter=kw.pop("initial", 0))
-    return Engine(engine_settings(**kw), [user], clock.wall), user
+    return InstantCore(engine_settings(**kw), [user], clock.wall), user
 
 
 def _client_ports(
@@ -244,10 +244,10 @@ def test_livingstone_repeated_port_sequence_opens() -> None:
     # "001000" -> (1000, 1000): the same port twice is the whole sequence.
     clock = Clock(1_700_000_010.0)
     engine, _user = _engine("livingstone", clock)
-    cand = next(iter(engine._candidates.values()))
+    cand = next(iter(engine.knocks._candidates.values()))
     cand.ports[0] = cand.ports[1] = 1000
-    engine._near = {}
-    engine._index(cand)
+    engine.knocks._near = {}
+    engine.knocks._index(cand)
     knock_all(engine, clock, [1000])
     assert syn(engine, clock) is Verdict.DROP
     knock_all(engine, clock, [1000])
@@ -272,7 +272,7 @@ def test_kommen_counter_is_the_hotp_counter_with_lookahead() -> None:
     scheme = Kommen()
     knock_all(engine, clock, scheme.derive(user.secret, HOTP_STEP, 7))  # two ahead
     assert syn(engine, clock) is Verdict.ACCEPT
-    assert engine.counters()["u"][HOTP_STEP] == 8
+    assert engine.counters()["u"][HOTP_STEP] == 8  # the floor moved past the skipped ones
     knock_all(engine, clock, scheme.derive(user.secret, HOTP_STEP, 5), src=CLIENT2)  # skipped
     assert syn(engine, clock, src=CLIENT2) is Verdict.REJECT
 

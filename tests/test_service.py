@@ -1,8 +1,15 @@
-"""The daemon's logic without a kernel: verdicts always given, state, reload, logs."""
+"""The daemon's logic without a kernel: verdicts always given, durable claims, the
+state store's guarantees, reload, logs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sqlite3
+import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,17 +17,18 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from nfknock.config import load_config
+from nfknock.config import ConfigError, load_config
 from nfknock.daemon import Daemon
 from nfknock.events import Verdict
-from nfknock.fileio import StateError
 from nfknock.logs import EventLogger
 from nfknock.netlab.craft import tcp_syn, v4
 from nfknock.sequence import derive, format_base32, step_of
 from nfknock.service import Service, queue_stats
+from nfknock.store import StateError
 
 SECRET = bytes(range(32))
 SRC, DST = bytes([198, 51, 100, 10]), bytes([198, 51, 100, 1])
+SRC2 = bytes([198, 51, 100, 11])
 
 
 def write_config(tmp: Path, extra: str = "", users: dict[str, bytes] | None = None) -> Path:
@@ -30,7 +38,7 @@ def write_config(tmp: Path, extra: str = "", users: dict[str, bytes] | None = No
     (tmp / "users.toml").chmod(0o600)
     cfg = tmp / "nfknock.toml"
     cfg.write_text(
-        f'[[protect]]\nport = 22\n[state]\npath = "{tmp}/state.json"\n'
+        f'[[protect]]\nport = 22\n[state]\npath = "{tmp}/state.db"\n'
         f'[users]\nfile = "users.toml"\n[control]\nsocket = "{tmp}/ctl.sock"\n{extra}'
     )
     return cfg
@@ -48,21 +56,62 @@ class FakeClock:
         return self.mono_now
 
 
-def service(tmp: Path, **kw: Any) -> tuple[Service, FakeClock]:
-    clock = FakeClock()
-    return Service(
-        load_config(write_config(tmp, **kw)), EventLogger(), clock.wall, clock.mono
-    ), clock
+OPEN: list[Service] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_services() -> Iterator[None]:
+    yield
+    while OPEN:
+        crash(OPEN.pop())
+
+
+def crash(svc: Service) -> None:
+    """Stop a service the way kill -9 does: nothing saved, the lock let go."""
+    if svc.store._thread.is_alive():
+        svc.store.call(lambda s: s.close())
+        svc.store.close()
+
+
+def service(
+    tmp: Path, clock: FakeClock | None = None, restore: bool = True, **kw: Any
+) -> tuple[Service, FakeClock]:
+    clock = clock or FakeClock()
+    cfg = (
+        load_config(write_config(tmp, **kw)) if not (tmp / "nfknock.toml").exists() or kw else None
+    )
+    cfg = cfg or load_config(tmp / "nfknock.toml")
+    svc = Service(cfg, EventLogger(), clock.wall, clock.mono)
+    OPEN.append(svc)
+    if restore:
+        svc.restore()
+    return svc, clock
+
+
+def restart(svc: Service, clock: FakeClock, clean: bool) -> Service:
+    OPEN.remove(svc)
+    if clean:
+        svc.stop()
+    else:
+        crash(svc)
+    clock.mono_now = 3.0  # a new boot
+    again, _ = service(Path(svc.cfg.state_path).parent, clock)
+    return again
 
 
 def syn(port: int, src: bytes = SRC) -> bytes:
     return v4(src, DST, tcp_syn(src, DST, port))
 
 
-def knock(svc: Service, clock: FakeClock, counter: int = 0, secret: bytes = SECRET) -> None:
+def knock(svc: Service, clock: FakeClock, counter: int = 0, src: bytes = SRC) -> None:
     params = svc.cfg.sequence_params()
-    for port in derive(secret, step_of(clock.wall_now), counter, params):
-        assert svc.verdict_for(syn(port)) is Verdict.DROP
+    for port in derive(SECRET, step_of(clock.wall_now), counter, params):
+        assert svc.verdict_for(syn(port, src)) is Verdict.DROP
+
+
+def db_rows(tmp: Path, query: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(tmp / "state.db") as db:
+        return db.execute(query).fetchall()
 
 
 def test_garbage_gets_drop_and_a_malformed_event(tmp_path: Path) -> None:
@@ -73,68 +122,347 @@ def test_garbage_gets_drop_and_a_malformed_event(tmp_path: Path) -> None:
     assert svc.malformed == 1
 
 
-def test_a_bug_in_the_engine_still_gets_drop_and_an_error_event(tmp_path: Path) -> None:
+def test_a_bug_in_the_core_still_gets_drop_and_an_error_event(tmp_path: Path) -> None:
     svc, _ = service(tmp_path)
 
     def boom(*_: object) -> None:
         raise RuntimeError("bug")
 
-    svc.engine.decide_key = boom  # type: ignore[method-assign,assignment]
+    svc.core.decide_key = boom  # type: ignore[method-assign,assignment]
     with capture_logs() as logs:
         assert svc.verdict_for(syn(22)) is Verdict.DROP
     assert logs[0]["event"] == "internal_error" and "RuntimeError" in logs[0]["reason"]
 
 
-def test_counter_is_on_disk_before_the_next_packet_is_decided(tmp_path: Path) -> None:
+# --- A.1: a grant is honoured only once its counter is durably recorded ------------
+
+
+def test_the_counter_and_its_grant_are_on_disk_before_the_grant_opens(tmp_path: Path) -> None:
     svc, clock = service(tmp_path)
     knock(svc, clock)
-    state = json.loads((tmp_path / "state.json").read_text())
-    assert state["counters"] == [{"user": "alice", "step": step_of(clock.wall_now), "next": 1}]
-    assert state["grants"][0]["source"] == "198.51.100.10"
+    assert db_rows(tmp_path, "SELECT user, step, floor FROM windows") == [
+        ("alice", step_of(clock.wall_now), 1)
+    ]
+    assert db_rows(tmp_path, "SELECT user, remaining FROM grants") == [("alice", 1)]
+    assert svc.verdict_for(syn(22)) is Verdict.ACCEPT
+
+
+def test_a_syn_before_the_claim_is_recorded_is_held_not_accepted(tmp_path: Path) -> None:
+    svc, clock = service(tmp_path)
+    params = svc.cfg.sequence_params()
+    for port in derive(SECRET, step_of(clock.wall_now), 0, params):
+        svc.decide_packet(syn(port))
+    svc.store.call(lambda s: None)  # let nothing be recorded yet: claims wait in the outbox
+    assert svc.decide_packet(syn(22)) is Verdict.HOLD
+    svc.settle()
+    svc.flush_claims()
+    assert svc.decide_packet(syn(22)) is Verdict.ACCEPT
+
+
+@pytest.fixture
+def state_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs of the test's own for the state directory (root ignores file
+    modes: a real read-only or full filesystem is the only honest test)."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("needs root to mount a tmpfs")
+        pytest.skip("needs root to mount a tmpfs")
+    mnt = tmp_path / "statefs"
+    mnt.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)], check=True
+    )
+    try:
+        yield mnt
+    finally:
+        for _ in range(2):  # the bind on top, if any, then the tmpfs
+            subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+
+
+def _on(fs: Path, tmp: Path) -> None:
+    cfg = tmp / "nfknock.toml"
+    write_config(tmp)
+    cfg.write_text(cfg.read_text().replace(f"{tmp}/state.db", f"{fs}/state.db"))
+
+
+def _bind_ro(fs: Path, ro: bool) -> None:
+    if ro:
+        subprocess.run(["mount", "--bind", str(fs), str(fs)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(fs)], check=True)
+    else:
+        subprocess.run(["umount", "-l", str(fs)], check=True)  # the read-only bind on top
+
+
+def _fill(fs: Path) -> None:
+    with (fs / "ballast").open("wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+
+
+@pytest.mark.parametrize("fault", ["read-only", "full"])
+def test_a_state_that_cannot_be_written_opens_nothing_and_says_why(
+    tmp_path: Path, state_fs: Path, fault: str
+) -> None:
+    _on(state_fs, tmp_path)
+    svc, clock = service(tmp_path)
+    if fault == "read-only":
+        # What a filesystem forced read-only looks like: open files no longer write.
+        svc.store.call(lambda s: s.disconnect())  # type: ignore[attr-defined]
+        _bind_ro(state_fs, True)
+    else:
+        _fill(state_fs)
+    with capture_logs() as logs:
+        knock(svc, clock)
+        assert svc.verdict_for(syn(22)) is Verdict.DROP
+    assert "claim_failed" in {e["event"] for e in logs}
+    state = svc.status()["state"]
+    assert state["ok"] is False and state["claim_failures"] == 1 and state["error"]
+    assert svc.verdict_for(b"junk") is Verdict.DROP  # still giving verdicts
+    knock(svc, clock)  # the same sequence again: spent here all the same
+    assert svc.verdict_for(syn(22)) is Verdict.REJECT
+    # the disk recovers: the next sequence opens, and status says all is well
+    if fault == "read-only":
+        _bind_ro(state_fs, False)
+    else:
+        (state_fs / "ballast").unlink()
+    knock(svc, clock, counter=1)
+    assert svc.verdict_for(syn(22)) is Verdict.ACCEPT
+    assert svc.status()["state"]["ok"] is True
+
+
+def test_a_state_unwritable_at_start_runs_but_restores_no_grant(
+    tmp_path: Path, state_fs: Path
+) -> None:
+    _on(state_fs, tmp_path)
+    svc, clock = service(tmp_path)
+    knock(svc, clock)
+    OPEN.remove(svc)
+    svc.stop()
+    _bind_ro(state_fs, True)
+    again, _ = service(tmp_path, clock, restore=False)
+    restored = again.restore()
+    assert restored.writable is False and restored.grants == 0
+    assert again.verdict_for(syn(22)) is Verdict.DROP
+    knock(again, clock)  # counters came back: the replay is stale
+    assert again.verdict_for(syn(22)) is Verdict.REJECT
+
+
+# --- A.2, A.3, A.4, A.6: the state store ----------------------------------------------
 
 
 def test_restart_restores_counters_so_a_replay_is_stale(tmp_path: Path) -> None:
     svc, clock = service(tmp_path)
     knock(svc, clock)
     assert svc.verdict_for(syn(22)) is Verdict.ACCEPT
-    again = Service(svc.cfg, EventLogger(), clock.wall, lambda: 3.0)
-    again.restore()
-    knock(again, clock)
-    assert again.verdict_for(syn(22)) is Verdict.REJECT
+    for clean in (False, True):
+        svc = restart(svc, clock, clean=clean)
+        knock(svc, clock)
+        assert svc.verdict_for(syn(22)) is Verdict.REJECT
 
 
-def test_corrupt_state_file_refuses_to_start(tmp_path: Path) -> None:
-    svc, _ = service(tmp_path)
-    (tmp_path / "state.json").write_text("{not json")
-    with pytest.raises(StateError, match="not valid JSON"):
-        svc.restore()
-    (tmp_path / "state.json").write_text('{"version": 1, "counters": [{"user": 1}]}')
-    with pytest.raises(StateError, match="unusable"):
-        svc.restore()
+def test_grants_survive_a_clean_exit_but_not_a_crash(tmp_path: Path) -> None:
+    svc, clock = service(tmp_path, extra="[door]\nmax_connections = 3\n")
+    knock(svc, clock)
+    assert svc.verdict_for(syn(22)) is Verdict.ACCEPT  # two connections left
+    crashed = restart(svc, clock, clean=False)
+    assert crashed.verdict_for(syn(22)) is Verdict.DROP  # the grant was not restored
 
 
-def test_reload_keeps_grants_progress_and_counters(tmp_path: Path) -> None:
+def test_a_spent_connection_never_comes_back_after_a_crash_following_a_clean_restart(
+    tmp_path: Path,
+) -> None:
+    svc, clock = service(tmp_path, extra="[door]\nmax_connections = 3\n")
+    knock(svc, clock)
+    assert svc.verdict_for(syn(22)) is Verdict.ACCEPT
+    svc = restart(svc, clock, clean=True)  # two connections left, saved cleanly
+    assert svc.verdict_for(syn(22)) is Verdict.ACCEPT  # one left
+    svc = restart(svc, clock, clean=False)  # kill -9 right after the accept
+    assert svc.verdict_for(syn(22)) is Verdict.DROP  # never the spent one back
+
+
+def test_clean_restart_restores_the_remaining_connections_exactly(tmp_path: Path) -> None:
+    svc, clock = service(tmp_path, extra="[door]\nmax_connections = 3\n")
+    knock(svc, clock)
+    assert svc.verdict_for(syn(22)) is Verdict.ACCEPT
+    svc = restart(svc, clock, clean=True)
+    assert [svc.verdict_for(syn(22)) for _ in range(3)] == [
+        Verdict.ACCEPT,
+        Verdict.ACCEPT,
+        Verdict.DROP,
+    ]
+
+
+def test_a_second_instance_on_the_same_state_is_refused_and_told_who_holds_it(
+    tmp_path: Path,
+) -> None:
+    service(tmp_path)
+    with pytest.raises(StateError, match=rf"in use by another nfknock \(pid {os.getpid()}\)"):
+        Service(load_config(tmp_path / "nfknock.toml"), EventLogger())
+
+
+def test_a_symlinked_state_path_writes_through_to_its_target(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    write_config(tmp_path)
+    (tmp_path / "state.db").symlink_to(real / "state.db")
+    (real / "state.db").touch()
+    svc, clock = service(tmp_path)
+    knock(svc, clock)
+    assert (tmp_path / "state.db").is_symlink()
+    with sqlite3.connect(real / "state.db") as db:
+        assert db.execute("SELECT floor FROM windows").fetchall() == [(1,)]
+
+
+def test_a_dangling_state_symlink_refuses_to_start(tmp_path: Path) -> None:
+    write_config(tmp_path)
+    (tmp_path / "state.db").symlink_to(tmp_path / "gone" / "state.db")
+    with pytest.raises(StateError, match="does not exist"):
+        Service(load_config(tmp_path / "nfknock.toml"), EventLogger())
+
+
+def test_the_state_file_and_directory_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    write_config(tmp_path)
+    cfg = tmp_path / "nfknock.toml"
+    cfg.write_text(cfg.read_text().replace(f"{tmp_path}/state.db", f"{tmp_path}/new/state.db"))
+    old = os.umask(0)
+    try:
+        svc, clock = service(tmp_path)
+        knock(svc, clock)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+    for name in ("state.db", "state.db.lock"):
+        assert (tmp_path / "new" / name).stat().st_mode & 0o777 == 0o600
+
+
+def _tamper(tmp: Path, *sql: str) -> None:
+    with sqlite3.connect(tmp / "state.db") as db:
+        for statement in sql:
+            db.execute(statement)
+
+
+@pytest.mark.parametrize(
+    ("sql", "problem"),
+    [
+        ("UPDATE windows SET floor = 'x'", "floor"),
+        ("UPDATE meta SET value = NULL WHERE key = 'clean'", "clean"),
+        ("UPDATE windows SET floor = 1000000", "floor"),
+        ("UPDATE windows SET floor = 1e400", "floor"),
+        ("UPDATE windows SET user = 'alice\n'", "user"),
+        ("UPDATE windows SET step = -5", "step"),
+        ("UPDATE grants SET expires = 1e400", "expires"),
+        ("UPDATE grants SET expires = 9e15", "expires"),
+        ("UPDATE grants SET ports = '[0]'", "ports"),
+        ("UPDATE grants SET ports = 'null'", "ports"),
+        ("UPDATE grants SET src = x'0102'", "addresses"),
+        ("UPDATE grants SET remaining = 2.5", "remaining"),
+        ("UPDATE meta SET value = 7 WHERE key = 'schema'", "schema"),
+        ("UPDATE meta SET value = 'yes' WHERE key = 'clean'", "clean"),
+        ("INSERT INTO digests VALUES (x'00', 1.0)", "digest"),
+    ],
+)
+def test_a_damaged_state_refuses_to_start_naming_the_file_and_problem(
+    tmp_path: Path, sql: str, problem: str
+) -> None:
+    svc, clock = service(tmp_path)
+    knock(svc, clock)
+    OPEN.remove(svc)
+    svc.stop()
+    _tamper(tmp_path, sql)
+    with pytest.raises(StateError, match=problem) as err:
+        service(tmp_path, clock)
+    assert str(tmp_path / "state.db") in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"{}", b"null", b"\x00" * 64, b"SQLite format 3\x00junk"])
+def test_a_state_file_that_is_not_a_database_refuses_to_start(
+    tmp_path: Path, content: bytes
+) -> None:
+    write_config(tmp_path)
+    (tmp_path / "state.db").write_bytes(content)
+    with pytest.raises(StateError, match=str(tmp_path / "state.db")):
+        service(tmp_path)
+
+
+# --- reload -------------------------------------------------------------------------
+
+
+def test_reload_keeps_grants_and_counters(tmp_path: Path) -> None:
     svc, clock = service(tmp_path, extra="[door]\nmax_connections = 2\n")
     knock(svc, clock)
-    params = svc.cfg.sequence_params()
-    half = derive(SECRET, step_of(clock.wall_now), 1, params)[:16]
-    for port in half:
-        svc.verdict_for(syn(port, src=bytes([198, 51, 100, 11])))
     write_config(tmp_path, "[door]\nmax_connections = 2\n", {"alice": SECRET, "bob": bytes(32)})
-    assert svc.reload() == "users reloaded"
+    assert svc.reload() == "configuration reloaded"
     assert svc.verdict_for(syn(22)) is Verdict.ACCEPT  # grant kept
-    for port in derive(SECRET, step_of(clock.wall_now), 1, params)[16:]:
-        svc.verdict_for(syn(port, src=bytes([198, 51, 100, 11])))
-    assert (
-        svc.verdict_for(syn(22, src=bytes([198, 51, 100, 11]))) is Verdict.ACCEPT
-    )  # progress kept
+    knock(svc, clock)  # the spent counter is still spent
+    assert svc.verdict_for(syn(22, SRC)) is Verdict.ACCEPT  # the grant's second connection
+    knock(svc, clock, src=SRC2)
+    assert svc.verdict_for(syn(22, SRC2)) is Verdict.REJECT
+
+
+def test_reload_rechecks_every_grant_against_the_new_configuration(tmp_path: Path) -> None:
+    svc, clock = service(tmp_path, extra="[door]\nmax_connections = 5\n[[protect]]\nport = 443\n")
+    knock(svc, clock)
+    # alice may now open only 443, with two connections
+    (tmp_path / "users.toml").write_text(
+        f'[users.alice]\nsecret = "{format_base32(SECRET)}"\nports = [443]\n'
+    )
+    cfg = tmp_path / "nfknock.toml"
+    cfg.write_text(cfg.read_text().replace("max_connections = 5", "max_connections = 2"))
+    with capture_logs() as logs:
+        svc.reload()
+    narrowed = [e for e in logs if e["event"] == "grant_narrowed"]
+    assert narrowed and "ports 22,443 -> 443" in narrowed[0]["reason"]
+    assert "connections 5 -> 2" in narrowed[0]["reason"]
+    assert svc.verdict_for(syn(22)) is Verdict.DROP
+    assert svc.verdict_for(syn(443)) is Verdict.ACCEPT
+
+
+@pytest.mark.parametrize("change", ["remove", "disable", "rekey"])
+def test_reload_revokes_the_grants_of_removed_disabled_or_rekeyed_users(
+    tmp_path: Path, change: str
+) -> None:
+    svc, clock = service(tmp_path)
+    knock(svc, clock)
+    users = tmp_path / "users.toml"
+    if change == "remove":
+        users.write_text("")
+    elif change == "disable":
+        users.write_text(users.read_text() + "enabled = false\n")
+    else:
+        users.write_text(f'[users.alice]\nsecret = "{format_base32(bytes(32))}"\n')
+    with capture_logs() as logs:
+        svc.reload()
+    assert [e["event"] for e in logs if e["event"].startswith("grant_")] == ["grant_revoked"]
+    assert svc.verdict_for(syn(22)) is Verdict.DROP
+
+
+def test_reload_with_changed_knock_parameters_keeps_spent_counters(tmp_path: Path) -> None:
+    svc, clock = service(tmp_path)
+    knock(svc, clock)
+    cfg = tmp_path / "nfknock.toml"
+    cfg.write_text(cfg.read_text() + "[knock]\nreorder_window = 6\n")
+    assert "knock parameters changed" in svc.reload()
+    knock(svc, clock, src=SRC2)
+    assert svc.verdict_for(syn(22, SRC2)) is Verdict.REJECT
+
+
+def test_a_reload_is_built_in_a_thread_while_packets_are_decided(tmp_path: Path) -> None:
+    svc, clock = service(tmp_path)
+    snapshot = svc.reload_snapshot()
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: result.append(svc.prepare_reload(snapshot)))
+    worker.start()
+    knock(svc, clock)  # meanwhile a counter is spent on the live engine
+    worker.join()
+    svc.finish_reload(result[0])
+    knock(svc, clock, src=SRC2)
+    assert svc.verdict_for(syn(22, SRC2)) is Verdict.REJECT  # the spend was merged
 
 
 def test_reload_with_bad_config_keeps_the_old_one(tmp_path: Path) -> None:
     svc, clock = service(tmp_path)
     (tmp_path / "nfknock.toml").write_text("[knock]\nlength = 'x'\n")
-    from nfknock.config import ConfigError
-
     with pytest.raises(ConfigError):
         svc.reload()
     knock(svc, clock)
@@ -169,6 +497,7 @@ def test_protected_port_events_carry_source_user_and_port(tmp_path: Path) -> Non
         "user": "alice",
         "port": 22,
         "reason": "grant used, 0 connection(s) left",
+        "code": "granted",
         "log_level": "info",
     }
 
@@ -214,7 +543,9 @@ class FakePacket:
 
 def _daemon(tmp_path: Path) -> Daemon:
     structlog.reset_defaults()
-    return Daemon(load_config(write_config(tmp_path)))
+    d = Daemon(load_config(write_config(tmp_path)))
+    OPEN.append(d.service)
+    return d
 
 
 def test_callback_gives_drop_when_reading_the_payload_fails(tmp_path: Path) -> None:
@@ -257,20 +588,3 @@ def test_queue_stats_reads_the_proc_line(tmp_path: Path) -> None:
         "last_id": 99,
     }
     assert queue_stats(5, proc) == {}
-
-
-def test_grants_survive_a_clean_exit_but_not_a_crash(tmp_path: Path) -> None:
-    svc, clock = service(tmp_path, extra="[door]\nmax_connections = 3\n")
-    knock(svc, clock)
-    assert svc.verdict_for(syn(22)) is Verdict.ACCEPT  # two connections left
-    crashed = Service(svc.cfg, EventLogger(), clock.wall, lambda: 9.0)
-    assert crashed.restore()[1] is False
-    assert crashed.verdict_for(syn(22)) is Verdict.DROP  # the grant was not restored
-    svc.save(clean=True)
-    restarted = Service(svc.cfg, EventLogger(), clock.wall, lambda: 9.0)
-    assert restarted.restore()[1] is True
-    assert [restarted.verdict_for(syn(22)) for _ in range(3)] == [
-        Verdict.ACCEPT,
-        Verdict.ACCEPT,
-        Verdict.DROP,
-    ]

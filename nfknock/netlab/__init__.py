@@ -176,7 +176,7 @@ class Lab:
         users_file.chmod(0o600)
         sections.setdefault("protect", [{"port": 22}])
         base: dict[str, Any] = {
-            "state": {"path": str(cfg_dir / "state.json")},
+            "state": {"path": str(cfg_dir / "state.db")},
             "users": {"file": str(users_file)},
             "control": {"socket": str(cfg_dir / "control.sock")},
             "log": {"level": "debug", "format": "json"},

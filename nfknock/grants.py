@@ -1,0 +1,244 @@
+"""The grant table: who may open which protected ports, until when.  Sans-IO.
+
+A *grant* lets one key -- a packed (source, destination) pair -- open the ports of one
+user for a number of new connections until a monotonic deadline.  A grant is born
+**pending**: it was earned (a knock sequence completed, an SPA packet verified), but
+the claim that makes it exactly-once (the counter, the SPA digest) is not yet durably
+recorded.  A pending grant never ACCEPTs: a SYN that finds only a pending grant is
+HELD by the adapter until the claim resolves (then decided again), or dropped.  The
+claim's outcome confirms the grant, or voids it (lost to another process or gateway:
+the source is marked behind; the store failed: nothing opens).
+
+*Behind marks* say that a source completed a stale sequence: its next SYNs to a
+protected port get a TCP reset (REJECT), so an honest client that is behind resyncs.
+
+Decisions on a protected port, in order:
+
+    =================================================  =========
+    a confirmed, unexpired grant covers the port        ACCEPT (one connection spent)
+    a pending grant covers it                           HOLD
+    the source is marked behind                         REJECT
+    otherwise                                           DROP
+    =================================================  =========
+
+Bounds: ``max_grants`` keys (least recently granted evicted first, with an event),
+behind marks as many as ``max_behind``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from nfknock.events import Event, EventKind, Verdict
+
+# Grants one key may hold at once (several sessions of one client, several users
+# behind one address); the oldest is dropped beyond it.
+MAX_GRANTS_PER_KEY = 16
+
+
+@dataclass(slots=True)
+class Grant:
+    id: int  # unique; also the id of the claim that backs it
+    user: str
+    ports: frozenset[int]
+    remaining: int
+    expires: float  # monotonic
+    confirmed: bool = False
+    method: str = "knock"
+
+
+@dataclass(slots=True)
+class GrantTable:
+    max_grants: int = 65536
+    max_behind: int = 65536
+    _grants: OrderedDict[bytes, list[Grant]] = field(default_factory=OrderedDict)
+    _behind: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
+
+    # --- the packet path ---------------------------------------------------------
+
+    def decide(self, key: bytes, port: int, mono: float) -> tuple[Verdict, Grant | None]:
+        """ACCEPT (and spend a connection), HOLD, REJECT or DROP for a SYN of ``key``
+        to the protected ``port``; the grant involved, if any.  The oldest usable
+        grant is spent first."""
+        grants = self._grants.get(key)
+        held: Grant | None = None
+        if grants:
+            for grant in grants:
+                if port not in grant.ports or grant.expires <= mono:
+                    continue
+                if not grant.confirmed:
+                    held = held or grant
+                    continue
+                grant.remaining -= 1
+                if grant.remaining <= 0:
+                    self._remove(key, grant)
+                return Verdict.ACCEPT, grant
+        if held is not None:
+            return Verdict.HOLD, held
+        until = self._behind.get(key)
+        if until is not None and until > mono:
+            return Verdict.REJECT, None
+        return Verdict.DROP, None
+
+    # --- earning, confirming, voiding ------------------------------------------
+
+    def add(self, key: bytes, grant: Grant) -> list[Event]:
+        grants = self._grants.setdefault(key, [])
+        grants.append(grant)
+        self._grants.move_to_end(key)
+        evicted: list[tuple[bytes, Grant]] = []
+        if len(grants) > MAX_GRANTS_PER_KEY:
+            evicted.append((key, grants.pop(0)))
+        while len(self._grants) > self.max_grants:
+            old_key, old = self._grants.popitem(last=False)
+            evicted += [(old_key, g) for g in old]
+        events = []
+        for old_key, old_grant in evicted:
+            src, dst = split_key(old_key)
+            events.append(
+                Event(
+                    EventKind.GRANT_REVOKED,
+                    src,
+                    dst,
+                    old_grant.user,
+                    None,
+                    "grant table full",
+                    "grant_table_full",
+                )
+            )
+        return events
+
+    def find(self, key: bytes, grant_id: int) -> Grant | None:
+        for grant in self._grants.get(key, ()):
+            if grant.id == grant_id:
+                return grant
+        return None
+
+    def confirm(self, key: bytes, grant_id: int) -> Grant | None:
+        grant = self.find(key, grant_id)
+        if grant is not None:
+            grant.confirmed = True
+        return grant
+
+    def void(self, key: bytes, grant_id: int) -> Grant | None:
+        grant = self.find(key, grant_id)
+        if grant is not None:
+            self._remove(key, grant)
+        return grant
+
+    def mark_behind(self, key: bytes, until: float) -> None:
+        self._behind[key] = until
+        self._behind.move_to_end(key)
+        while len(self._behind) > self.max_behind:
+            self._behind.popitem(last=False)
+
+    def clear_behind(self, key: bytes) -> None:
+        self._behind.pop(key, None)
+
+    def _remove(self, key: bytes, grant: Grant) -> None:
+        grants = self._grants.get(key)
+        if grants is not None:
+            grants.remove(grant)
+            if not grants:
+                del self._grants[key]
+
+    # --- time, configuration changes -------------------------------------------
+
+    def expire(self, mono: float) -> list[Event]:
+        events: list[Event] = []
+        for key in list(self._grants):
+            for grant in [g for g in self._grants[key] if g.expires <= mono]:
+                self._remove(key, grant)
+                if grant.confirmed:  # a pending one never opened: nothing closes
+                    src, dst = split_key(key)
+                    events.append(
+                        Event(
+                            EventKind.GRANT_EXPIRED,
+                            src,
+                            dst,
+                            grant.user,
+                            None,
+                            "window closed",
+                            "grant_expired",
+                        )
+                    )
+        for key in [k for k, until in self._behind.items() if until <= mono]:
+            del self._behind[key]
+        return events
+
+    def retain(
+        self, allowed: Callable[[str, bytes], tuple[frozenset[int], int, float]], mono: float
+    ) -> list[Event]:
+        """Re-check every grant after a configuration change.  ``allowed(user, dst)``
+        gives what the new configuration allows that user at that destination: the
+        ports, the connection budget and the longest window (seconds); no ports means
+        the user may open nothing (gone, disabled, rekeyed).  A grant keeps only what
+        is still allowed; one left with nothing is revoked.  Every change is an event."""
+        events: list[Event] = []
+        for key in list(self._grants):
+            src, dst = split_key(key)
+            for grant in list(self._grants[key]):
+                ports, budget, seconds = allowed(grant.user, dst)
+                kept = grant.ports & ports
+                if not kept:
+                    self._remove(key, grant)
+                    events.append(
+                        Event(
+                            EventKind.GRANT_REVOKED,
+                            src,
+                            dst,
+                            grant.user,
+                            None,
+                            "user removed, disabled or rekeyed, or its ports are gone",
+                            "grant_revoked_by_reload",
+                        )
+                    )
+                    continue
+                changes = []
+                if kept != grant.ports:
+                    changes.append(f"ports {_ports(grant.ports)} -> {_ports(kept)}")
+                    grant.ports = kept
+                if grant.remaining > budget:
+                    changes.append(f"connections {grant.remaining} -> {budget}")
+                    grant.remaining = budget
+                if grant.expires > mono + seconds:
+                    changes.append(f"window cut to {seconds:g}s")
+                    grant.expires = mono + seconds
+                if changes:
+                    events.append(
+                        Event(
+                            EventKind.GRANT_NARROWED,
+                            src,
+                            dst,
+                            grant.user,
+                            None,
+                            "; ".join(changes),
+                            "grant_narrowed_by_reload",
+                        )
+                    )
+        return events
+
+    # --- introspection ------------------------------------------------------------
+
+    def items(self) -> Iterator[tuple[bytes, Grant]]:
+        for key, grants in self._grants.items():
+            for grant in grants:
+                yield key, grant
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self._grants.values())
+
+    def behind_count(self) -> int:
+        return len(self._behind)
+
+
+def split_key(key: bytes) -> tuple[bytes, bytes]:
+    """A table key (source + destination, packed) back into its two addresses."""
+    half = len(key) // 2
+    return key[:half], key[half:]
+
+
+def _ports(ports: frozenset[int]) -> str:
+    return ",".join(map(str, sorted(ports)))

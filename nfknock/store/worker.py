@@ -1,0 +1,118 @@
+"""The store thread: claims are recorded off the packet path.
+
+The daemon's loop hands claim requests to :meth:`StoreWorker.submit` (never blocks)
+and polls :meth:`StoreWorker.fileno`; when it is readable, :meth:`StoreWorker.drain`
+returns the outcomes to feed into ``Core.resolve``.  One thread owns the store
+connection; other store calls (load, begin, finish) run on it through
+:meth:`StoreWorker.call`, which waits for them (start-up and shut-down only).
+
+If the store hangs, outcomes simply do not come: pending grants stay pending and
+nothing opens (fail closed); the daemon reports the age of the oldest pending claim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from nfknock.gate import ClaimOutcome, ClaimRequest, Outcome
+from nfknock.store import StateStore
+
+T = TypeVar("T")
+_STOP = object()
+
+
+class StoreWorker:
+    def __init__(self, store: StateStore, wall: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self._wall = wall
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._outcomes: deque[ClaimOutcome] = deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.claims = 0
+        self.failures = 0
+        self.last_error = ""
+        self.last_error_at = 0.0
+        self.last_claim_seconds = 0.0
+        self.busy_since = 0.0  # monotonic start of the claim being recorded, 0 if idle
+        self._thread = threading.Thread(target=self._run, name="nfknock-store", daemon=True)
+        self._thread.start()
+
+    def fileno(self) -> int:
+        return self._wake_r.fileno()
+
+    def submit(self, requests: list[ClaimRequest]) -> None:
+        for request in requests:
+            self._requests.put(request)
+
+    def drain(self) -> list[ClaimOutcome]:
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(4096):
+                pass
+        out = []
+        while self._outcomes:
+            out.append(self._outcomes.popleft())
+        return out
+
+    def call(self, fn: Callable[[StateStore], T], timeout: float = 30.0) -> T:
+        """Run ``fn(store)`` on the store thread and wait for it."""
+        fut: Future[T] = Future()
+        self._requests.put((fn, fut))
+        return fut.result(timeout)
+
+    def submit_call(self, fn: Callable[[StateStore], object]) -> None:
+        """Run ``fn(store)`` on the store thread without waiting; a failure is kept
+        in ``last_error`` (shown by status)."""
+        self._requests.put((fn, None))
+
+    def close(self) -> None:
+        self._requests.put(_STOP)
+        self._thread.join(10)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _run(self) -> None:
+        while True:
+            item = self._requests.get()
+            if item is _STOP:
+                return
+            if isinstance(item, ClaimRequest):
+                self.busy_since = time.monotonic()
+                try:
+                    outcome = self.store.claim(item, self._wall())
+                except Exception as exc:  # a store bug must not lose the outcome
+                    outcome = ClaimOutcome(item.id, Outcome.FAILED, f"{type(exc).__name__}: {exc}")
+                self.last_claim_seconds = time.monotonic() - self.busy_since
+                self.busy_since = 0.0
+                self.claims += 1
+                if outcome.outcome is Outcome.FAILED:
+                    self.failures += 1
+                    self.last_error = outcome.detail
+                    self.last_error_at = self._wall()
+                elif outcome.outcome is Outcome.WON:
+                    self.last_error = ""
+                self._outcomes.append(outcome)
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_w.send(b"!")
+                continue
+            fn, fut = item
+            try:
+                result = fn(self.store)
+            except BaseException as exc:
+                if fut is None:
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.last_error_at = self._wall()
+                else:
+                    fut.set_exception(exc)
+                continue
+            if fut is not None:
+                fut.set_result(result)
