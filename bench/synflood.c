@@ -4,7 +4,8 @@
  * Sends hand-built Ethernet/IPv4 or IPv6/TCP SYN frames from an AF_PACKET socket
  * with sendmmsg(), to one destination inside the benchmark's own network
  * namespaces.  Source addresses are spoofed only from the documentation ranges
- * (192.0.2.0/24, 198.51.100.128/25, 203.0.113.0/24, 2001:db8::/32; the lab's own
+ * (192.0.2.0/24, 198.51.100.128/25, 203.0.113.0/24, 2001:db8::1:0:0 and up inside
+ * 2001:db8::/64; the lab's own
  * hosts live in 198.51.100.0/25 and are never spoofed).  Always bounded:
  * it stops after -n packets or -t seconds, whichever comes first.
  *
@@ -175,10 +176,11 @@ int main(int argc, char **argv) {
             uint32_t acc;
             if (v6) {
                 if (fixed) memcpy(ip + 8, &fixed6, 16);
-                else {  /* 2001:db8::/32, sequential: every packet a new source */
+                else {  /* 2001:db8::/64 from ::1:0:0 up (never the lab's own ::1, ::10),
+                           sequential: every packet a new source */
                     memset(ip + 8, 0, 16);
                     ip[8] = 0x20; ip[9] = 0x01; ip[10] = 0x0d; ip[11] = 0xb8;
-                    uint64_t s = (uint64_t)seq + 1;
+                    uint64_t s = (uint64_t)seq + 0x100000000ULL;
                     for (int k = 0; k < 8; k++) ip[23 - k] = (uint8_t)(s >> (8 * k));
                 }
                 uint8_t pseudo[40] = {0};

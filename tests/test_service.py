@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -540,6 +541,9 @@ class FakePacket:
     def repeat(self) -> None:
         self.verdicts.append("repeat")
 
+    def retain(self) -> None:
+        self.verdicts.append("retained")
+
 
 def _daemon(tmp_path: Path) -> Daemon:
     structlog.reset_defaults()
@@ -588,3 +592,45 @@ def test_queue_stats_reads_the_proc_line(tmp_path: Path) -> None:
         "last_id": 99,
     }
     assert queue_stats(5, proc) == {}
+
+
+def test_a_syn_waiting_for_its_claim_is_held_then_accepted_once_recorded(
+    tmp_path: Path,
+) -> None:
+    d = _daemon(tmp_path)
+    d.service.restore()
+    wall = d.service.wall()
+    params = d.service.cfg.sequence_params()
+    for port in derive(SECRET, step_of(wall), 0, params):
+        d.service.decide_packet(syn(port))  # no settle: the claim is not submitted yet
+    pkt = FakePacket(syn(22))
+    d.handle(pkt)  # handle() settles: the claim goes to the store thread now
+    assert pkt.verdicts == ["retained"] and len(d._held) == 1
+    d.service.flush_claims()
+    d._redecide_held()
+    assert pkt.verdicts == ["retained", "accept"] and not d._held
+
+
+def test_held_syns_are_dropped_after_the_hold_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = _daemon(tmp_path)
+    d.service.decide_packet = lambda _p: Verdict.HOLD  # type: ignore[method-assign,assignment]
+    pkt = FakePacket(syn(22))
+    d.handle(pkt)
+    assert pkt.verdicts == ["retained"]
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + 10)
+    d._redecide_held(expire_only=True)
+    assert pkt.verdicts == ["retained", "drop"] and not d._held
+
+
+def test_held_syns_beyond_the_table_bound_are_dropped_at_once(tmp_path: Path) -> None:
+    from nfknock import daemon
+
+    d = _daemon(tmp_path)
+    d.service.decide_packet = lambda _p: Verdict.HOLD  # type: ignore[method-assign,assignment]
+    pkts = [FakePacket(syn(22)) for _ in range(daemon.MAX_HELD + 1)]
+    for pkt in pkts:
+        d.handle(pkt)
+    assert pkts[-1].verdicts == ["drop"] and len(d._held) == daemon.MAX_HELD

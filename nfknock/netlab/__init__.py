@@ -73,7 +73,7 @@ class Lab:
         self.server = f"{self.prefix}s"
         self.gw = f"{self.prefix}g"
         self.namespaces: list[str] = []
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[subprocess.Popen[Any]] = []
         self.daemon: subprocess.Popen[bytes] | None = None
         self.daemon_log = workdir / "daemon.log"
         try:

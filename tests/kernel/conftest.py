@@ -6,7 +6,9 @@ where a missing capability is a failure, not a skip.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,3 +61,40 @@ def client_env(tmp_path: Path) -> dict[str, str]:
         "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"),
         "XDG_STATE_HOME": str(tmp_path / "xdg-state"),
     }
+
+
+@pytest.fixture(scope="session")
+def synflood(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bench/synflood.c compiled once per run: the bounded, paced SYN sender."""
+    _require_lab()
+    out = tmp_path_factory.mktemp("synflood") / "synflood"
+    source = Path(__file__).parents[2] / "bench" / "synflood.c"
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(source)], check=True, timeout=120)
+    return out
+
+
+def start_flood(
+    lab: Lab,
+    flooder: Path,
+    rate: int,
+    seconds: float,
+    count: int,
+    dst: str = "198.51.100.1",
+    ports: str = "1024-33791",
+) -> subprocess.Popen[str]:
+    """A spoofed SYN flood from the client namespace (documentation sources only),
+    bounded by ``count`` packets and ``seconds``."""
+    mac = json.loads(lab.sh(lab.server, "ip", "-j", "link", "show", "s0").stdout)[0]["address"]
+    lab.sh(
+        lab.server,
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+        "net.ipv4.conf.s0.rp_filter=0",
+    )
+    argv = ["ip", "netns", "exec", lab.client, str(flooder), "-i", "c0", "-m", mac, "-d", dst]
+    argv += ["-s", "doc4", "-p", ports, "-r", str(rate), "-t", str(seconds), "-n", str(count)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lab.procs.append(proc)
+    return proc

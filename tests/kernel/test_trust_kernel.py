@@ -1,0 +1,136 @@
+"""Issue 15's failure paths against the real daemon: no path fails open, no stall."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from nfknock.netlab import PY, SERVER4, Lab
+
+from .conftest import SECRET, start_flood
+from .test_daemon_kernel import current, events, setup
+
+pytestmark = pytest.mark.kernel
+
+
+def _control_path(cfg: Path) -> str:
+    return str(cfg.parent / "control.sock")
+
+
+def test_silent_and_trickling_control_clients_do_not_stall_verdicts(lab: Lab) -> None:
+    cfg = setup(lab)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(50):  # fifty clients that connect and say nothing
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(_control_path(cfg))
+            held.append(s)
+        trickle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        trickle.connect(_control_path(cfg))
+        held.append(trickle)
+        opened = 0
+        for counter in range(6):
+            trickle.send(b"{")  # a byte now and then, as in the report
+            lab.send_knocks(SERVER4, current(counter=counter))
+            opened += lab.probe(SERVER4, timeout=1.0)["result"] == "open"
+        assert opened == 6
+    finally:
+        for s in held:
+            s.close()
+    # and the control socket itself still answers
+    status = json.loads(lab.nfknock("status", "--config", str(cfg), "--json").stdout)
+    assert status["verdicts"]["accept"] == 6
+
+
+def test_sigterm_under_a_flood_stops_within_a_second_and_saves_cleanly(
+    lab: Lab, synflood: Path
+) -> None:
+    setup(lab)
+    flood = start_flood(lab, synflood, rate=400_000, seconds=20, count=8_000_000)
+    time.sleep(1.5)  # the flood is on
+    assert lab.daemon is not None
+    t0 = time.monotonic()
+    lab.daemon.send_signal(signal.SIGTERM)
+    code = lab.daemon.wait(10)
+    took = time.monotonic() - t0
+    lab.daemon = None
+    flood.terminate()
+    flood.wait(10)
+    assert code == 0 and took < 1.0, took
+    assert events(lab, "stopped")
+    with sqlite3.connect(lab.workdir / "state.db") as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'clean'").fetchone() == (1,)
+
+
+def test_a_second_daemon_on_the_same_state_is_refused_and_the_first_keeps_its_socket(
+    lab: Lab,
+) -> None:
+    cfg = setup(lab)
+    other = lab.workdir / "second.toml"
+    other.write_text(cfg.read_text() + "\n[queue]\nnumber = 5\n")
+    other.chmod(0o600)
+    out = lab.sh(lab.daemon_ns, PY, "-m", "nfknock.cli", "run", "--config", str(other), check=False)
+    assert out.returncode == 2
+    assert "in use by another nfknock (pid" in out.stderr
+    assert lab.daemon is not None and lab.daemon.poll() is None
+    status = json.loads(lab.nfknock("status", "--config", str(cfg), "--json").stdout)
+    assert status["pid"] == lab.daemon.pid
+
+
+def test_a_second_daemon_cannot_take_over_the_control_socket(lab: Lab) -> None:
+    cfg = setup(lab)
+    other = lab.workdir / "second.toml"
+    text = cfg.read_text().replace(str(lab.workdir / "state.db"), str(lab.workdir / "two.db"))
+    other.write_text(text + "\n[queue]\nnumber = 5\n")
+    other.chmod(0o600)
+    out = lab.sh(lab.daemon_ns, PY, "-m", "nfknock.cli", "run", "--config", str(other), check=False)
+    assert out.returncode == 1
+    assert "another nfknock daemon answers on this control socket" in out.stdout + out.stderr
+    status = json.loads(lab.nfknock("status", "--config", str(cfg), "--json").stdout)
+    assert lab.daemon is not None and status["pid"] == lab.daemon.pid
+
+
+def test_a_spent_connection_never_comes_back_after_kill_9(lab: Lab) -> None:
+    """The report: after a clean stop, kill -9 within 0.25 s of an accept restored
+    the grant with its spent connection (8 of 8 tries)."""
+    cfg = setup(lab, door={"max_connections": 2, "open_seconds": 60.0})
+    for counter in range(3):
+        lab.send_knocks(SERVER4, current(counter=counter))
+        assert lab.probe(SERVER4)["result"] == "open"  # one of two spent
+        assert lab.stop_daemon(signal.SIGTERM) == 0  # clean: the grant is saved
+        lab.start_daemon(cfg)
+        assert lab.probe(SERVER4)["result"] == "open"  # the last connection ...
+        lab.stop_daemon(signal.SIGKILL)  # ... and kill -9 right after it
+        lab.start_daemon(cfg)
+        assert lab.probe(SERVER4)["result"] == "timeout"  # never comes back
+
+
+def test_state_on_a_read_only_filesystem_opens_nothing_and_status_says_why(lab: Lab) -> None:
+    mnt = lab.workdir / "statefs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        lab.start_service()
+        cfg = lab.write_config({"alice": SECRET}, state={"path": str(mnt / "state.db")})
+        lab.install_rules(cfg)
+        lab.start_daemon(cfg)
+        assert lab.stop_daemon(signal.SIGTERM) == 0
+        subprocess.run(["mount", "--bind", str(mnt), str(mnt)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], check=True)
+        lab.start_daemon(cfg)
+        lab.send_knocks(SERVER4, current())
+        assert lab.probe(SERVER4)["result"] == "timeout"
+        status = json.loads(lab.nfknock("status", "--config", str(cfg), "--json").stdout)
+        assert status["state"]["ok"] is False and "write" in status["state"]["error"]
+        assert events(lab, "state_not_writable") and events(lab, "claim_failed")
+    finally:
+        lab.stop_daemon(signal.SIGKILL)
+        for _ in range(2):
+            subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
