@@ -7,6 +7,25 @@ returns when it is empty, when ``max_packets`` were read, or when ``deadline``
 (``time.monotonic``) has passed -- whichever comes first.  Two of them serve two
 queues in one process; the caller polls both fds and pumps the priority queue first.
 
+Two queues in one process (the daemon's loop)::
+
+    prio = VerdictQueue.bind(cfg.queue.number, decide, batch=1, ...)
+    knock = VerdictQueue.bind(cfg.queue.knock_number, decide, batch=cfg.queue.batch, ...)
+    while not stopping:
+        poll(prio.fd, knock.fd, signal wake-up fd; timeout: 0 if busy else T)
+        now = time.monotonic()
+        p = prio.pump(BIG, now + SLICE)      # first, on every turn
+        k = knock.pump(KNOCK_SLICE, now + SLICE)
+        busy = not (p.drained and k.drained)
+        housekeeping (signals, ticks) -- nothing is pending in either queue here
+
+The priority queue is read to its end on every turn, bounded only by the deadline
+(so a flood on it cannot starve the knock queue completely, nor the loop); the
+knock queue gets a slice of ``KNOCK_SLICE`` packets, after which the priority queue
+is looked at again.  With every pump bounded by a deadline the loop sees a stop
+signal within one turn, flood or not (netfilterqueue's ``run(block=False)`` alone
+returns only when the socket is empty).
+
 Theory of operation
 -------------------
 Receiving stays netfilterqueue's (``run(block=False)``: a C ``recv`` loop calling
@@ -160,6 +179,9 @@ Decide = Callable[[bytes], Verdict]
 ErrorSink = Callable[[Exception], None]
 
 
+_DROP, _ACCEPT, _REJECT = Verdict.DROP, Verdict.ACCEPT, Verdict.REJECT
+
+
 class _Yield(Exception):
     """Raised from the callback (after the packet's verdict) to leave ``run()``."""
 
@@ -196,9 +218,9 @@ class VerdictQueue:
         self._prefix = encode_verdict(queue_num, 0, NF_DROP, batch=True)[:-4]
         self._pending = 0  # DROPs recorded since the last batch was sent
         self._last_drop = 0  # the id of the last of them
+        self._batched = batch > 1
         self._left = 0  # packets this pump may still read
         self._deadline = 0.0
-        self._handled = 0
         self._closed = False
         self.batches_sent = 0
         self.send_failures = 0
@@ -246,7 +268,6 @@ class VerdictQueue:
             return Pumped(0, False)
         self._left = max_packets
         self._deadline = deadline
-        self._handled = 0
         drained = False
         try:
             self._queue.run(block=False)
@@ -255,7 +276,7 @@ class VerdictQueue:
             pass
         finally:
             self.flush()
-        return Pumped(self._handled, drained)
+        return Pumped(max_packets - self._left, drained)
 
     def flush(self) -> None:
         """Send the pending DROPs as one batch verdict (retried once)."""
@@ -270,11 +291,13 @@ class VerdictQueue:
             except OSError as exc:
                 self.send_failures += 1
                 if attempt == 2:
-                    raise VerdictSendError(
-                        exc.errno,
+                    what = (
                         f"batch DROP of {self._pending} packets up to id {self._last_drop} "
-                        f"on queue {self.queue_num} not sent: {exc.strerror or exc}",
-                    ) from exc
+                        f"on queue {self.queue_num} not sent: {exc.strerror or exc}"
+                    )
+                    if exc.errno is None:
+                        raise VerdictSendError(what) from exc
+                    raise VerdictSendError(exc.errno, what) from exc
                 continue
             self._pending = 0
             self.batches_sent += 1
@@ -300,36 +323,39 @@ class VerdictQueue:
     # --- the packet path: netfilterqueue's callback ------------------------------------
 
     def _on_packet(self, pkt: Packet) -> None:
-        verdict = Verdict.DROP
+        # The hot path (every packet): local names and no call that is not needed.
+        verdict = _DROP
         try:
             verdict = self._decide(pkt.get_payload())
         except Exception as exc:  # a bug or an unreadable packet: DROP, and say so
-            verdict = Verdict.DROP
-            if self._on_error is not None:
-                with contextlib.suppress(Exception):
-                    self._on_error(exc)
+            verdict = _DROP
+            self._report(exc)
         finally:
-            self._answer(pkt, verdict)
+            if verdict is _ACCEPT or verdict is _REJECT:
+                self._answer_now(pkt, verdict)
+            elif self._batched:  # DROP, or anything that is not a Verdict: fail closed
+                self._last_drop = pkt.id
+                self._pending = pending = self._pending + 1
+                if pending >= self.batch:
+                    self.flush()
+            else:
+                pkt.drop()
         self._left -= 1
         if self._left <= 0 or self._clock() >= self._deadline:
             raise _Yield
 
-    def _answer(self, pkt: Packet, verdict: Verdict) -> None:
-        self._handled += 1
-        if verdict is Verdict.ACCEPT or verdict is Verdict.REJECT:
-            try:
-                if verdict is Verdict.ACCEPT:
-                    pkt.accept()
-                else:
-                    pkt.set_mark(self._mark)
-                    pkt.repeat()  # re-runs the hook; the reject-mark rule answers
-            except Exception:  # e.g. the queue was unbound: the last resort is DROP
-                with contextlib.suppress(Exception):
-                    pkt.drop()
-        elif self.batch > 1:  # DROP, or anything that is not a Verdict: fail closed
-            self._last_drop = pkt.id
-            self._pending += 1
-            if self._pending >= self.batch:
-                self.flush()
-        else:
-            pkt.drop()
+    def _answer_now(self, pkt: Packet, verdict: Verdict) -> None:
+        try:
+            if verdict is _ACCEPT:
+                pkt.accept()
+            else:
+                pkt.set_mark(self._mark)
+                pkt.repeat()  # re-runs the hook; the reject-mark rule answers
+        except Exception:  # e.g. the queue was unbound: the last resort is DROP
+            with contextlib.suppress(Exception):
+                pkt.drop()
+
+    def _report(self, exc: Exception) -> None:
+        if self._on_error is not None:
+            with contextlib.suppress(Exception):  # a broken sink must not cost a verdict
+                self._on_error(exc)

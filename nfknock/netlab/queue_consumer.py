@@ -4,8 +4,9 @@ A stand-in for the daemon's packet loop, for the real-kernel tests: a priority q
 (unbatched) and/or a knock queue (DROPs batched), polled together, the priority
 queue pumped first on every turn.  Decides by TCP/UDP destination port
 (``--accept``, ``--reject``, ``--raise``: the decide function raises; anything else
-is DROP).  Every pump has a deadline; one that the deadline ended records how late
-it returned.  Exits on SIGTERM/SIGINT and writes its counts as JSON to ``--result``.
+is DROP; ``--decide-cost-us`` makes each decision slow).  Every pump has a deadline;
+one that the deadline ended records how late it returned.  Exits on SIGTERM/SIGINT
+and writes its counts as JSON to ``--result``.
 """
 
 from __future__ import annotations
@@ -41,9 +42,17 @@ class Counts:
 
 
 def decider(
-    accept: frozenset[int], reject: frozenset[int], fail: frozenset[int], counts: Counts
+    accept: frozenset[int],
+    reject: frozenset[int],
+    fail: frozenset[int],
+    counts: Counts,
+    cost: float = 0.0,
 ) -> Callable[[bytes], Verdict]:
     def decide(payload: bytes) -> Verdict:
+        if cost:  # a slow decision: a flood then never lets the socket run dry
+            until = time.perf_counter() + cost
+            while time.perf_counter() < until:
+                pass
         at = (payload[0] & 0x0F) * 4 + 2  # IPv4 (RFC 791): TCP/UDP destination port
         port = payload[at] << 8 | payload[at + 1]
         if port in accept:
@@ -71,6 +80,7 @@ def main() -> int:
     ap.add_argument("--raise", dest="fail", type=ports, default=frozenset())
     ap.add_argument("--slice", type=int, default=256, help="packets per knock-queue pump")
     ap.add_argument("--deadline-ms", type=float, default=20.0, help="each pump's deadline")
+    ap.add_argument("--decide-cost-us", type=float, default=0.0, help="busy time per packet")
     ap.add_argument("--max-len", type=int, default=8192)
     ap.add_argument("--reject-mark", type=lambda s: int(s, 0), default=0x4E4B0001)
     ap.add_argument("--result", type=Path, required=True)
@@ -88,7 +98,7 @@ def main() -> int:
         counts[name] = Counts()
         q = VerdictQueue.bind(
             number,
-            decider(args.accept, args.reject, args.fail, counts[name]),
+            decider(args.accept, args.reject, args.fail, counts[name], args.decide_cost_us / 1e6),
             max_len=args.max_len,
             copy_range=128,
             sock_len=args.max_len * SOCKET_BYTES_PER_PACKET,
