@@ -37,6 +37,7 @@ from nfknock.config import Config, ConfigError
 from nfknock.control import ControlError, ControlServer, Mailbox
 from nfknock.events import Verdict
 from nfknock.logs import EventLogger
+from nfknock.nfq import VerdictQueue
 from nfknock.packet import COPY_RANGE
 from nfknock.sdnotify import notify, watchdog_interval
 from nfknock.service import PreparedReload, Restored, Service, queue_stats
@@ -59,7 +60,9 @@ class _Yield(Exception):
 
 
 class _Queue:
-    """One bound NFQUEUE, pumped in bounded slices."""
+    """The priority queue: one bound NFQUEUE pumped in bounded slices, every verdict
+    given at once -- or later, for a SYN held until its grant's claim resolves (so it
+    is never batched: see nfknock.nfq on why a batched queue must not hold packets)."""
 
     def __init__(self, number: int, handler: Any, max_len: int, copy_range: int) -> None:
         from netfilterqueue import NetfilterQueue
@@ -260,6 +263,7 @@ class Daemon:
         cfg = self.service.cfg
         restored = self.service.restore()
         queues: list[_Queue] = []
+        knock: list[VerdictQueue] = []
         control: ControlServer | None = None
         try:
             try:
@@ -269,8 +273,18 @@ class Daemon:
                     )
                 priority = list(queues)
                 for number in cfg.queue.knock_queues():
-                    queues.append(_Queue(number, self.handle, cfg.queue.max_len, COPY_RANGE))
-                knock = queues[len(priority) :]
+                    knock.append(
+                        VerdictQueue.bind(
+                            number,
+                            self.service.decide_packet,
+                            max_len=cfg.queue.max_len,
+                            copy_range=COPY_RANGE,
+                            sock_len=cfg.queue.max_len * SOCKET_BYTES_PER_PACKET,
+                            batch=cfg.queue.batch,
+                            reject_mark=cfg.queue.reject_mark,
+                            on_error=lambda exc: self.service.internal_error(exc, b""),
+                        )
+                    )
             except OSError as exc:
                 log.error(
                     "queue_bind_failed",
@@ -289,6 +303,9 @@ class Daemon:
             notify("STOPPING=1")
             for q in queues:
                 q.unbind()
+            for k in knock:
+                with contextlib.suppress(Exception):
+                    k.close()
             for held in self._held:
                 with contextlib.suppress(Exception):
                     held.pkt.drop()
@@ -302,7 +319,7 @@ class Daemon:
             log.info("stopped", verdicts=self.service.verdict_counts())
 
     def _loop(
-        self, cfg: Config, restored: Restored, priority: list[_Queue], knock: list[_Queue]
+        self, cfg: Config, restored: Restored, priority: list[_Queue], knock: list[VerdictQueue]
     ) -> int:
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
@@ -334,8 +351,7 @@ class Daemon:
             log.warning("config_warning", detail=warning)
         notify(f"READY=1\nSTATUS=verdicts on queues {cfg.queue.number}/{cfg.queue.knock_number}")
         poller = select.poll()
-        fds = {q.fileno(): q for q in [*priority, *knock]}
-        for fd in fds:
+        for fd in [*(q.fileno() for q in priority), *(k.fd for k in knock)]:
             poller.register(fd, select.POLLIN)
         claims_fd, mail_fd = self.service.claims_fd(), self.mailbox.fileno()
         for fd in (wake_r.fileno(), claims_fd, mail_fd):
@@ -350,9 +366,13 @@ class Daemon:
                         q.pump(1 << 30, deadline)
                 if claims_fd in ready and self.service.on_claims() and self._held:
                     self._redecide_held()
-                for q in knock:
-                    if q.fileno() in ready:
-                        q.pump(KNOCK_SLICE, deadline)
+                for k in knock:
+                    if k.fd in ready:
+                        try:
+                            k.pump(KNOCK_SLICE, deadline)
+                        except OSError as exc:  # a batch not sent: its packets stay queued
+                            self.service.internal_error(exc, b"")
+                        self.service.settle()  # the slice's events and claims
                 if mail_fd in ready:
                     self.mailbox.serve(self._control)
                 if wake_r.fileno() in ready:

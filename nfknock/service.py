@@ -79,7 +79,7 @@ class Service:
         self.core = Core(EngineSettings.from_config(cfg), cfg.users, wall())
         self.store = StoreWorker(store if store is not None else open_store(cfg), wall)
         self.verdicts = [0, 0, 0, 0]  # indexed by Verdict
-        self.pending: tuple[Event, ...] = ()  # events of the latest decision
+        self.pending: list[Event] = []  # events of the decisions since the last settle
         self.now = mono()  # the monotonic time of the latest packet
         self.wall_offset = wall() - self.now
         self.malformed = 0
@@ -151,7 +151,7 @@ class Service:
             key, port = parse_key(payload)
             decision = self.core.decide_key(key, port, mono + self.wall_offset, mono)
             if decision.events:
-                self.pending = decision.events
+                self.pending += decision.events
             self.verdicts[decision.verdict] += 1
             return decision.verdict
         except MalformedPacket as exc:
@@ -167,9 +167,10 @@ class Service:
         return Verdict.DROP
 
     def settle(self) -> None:
-        """Log the events of the latest decision; send new claims to the store."""
+        """Log the events of the decisions since the last call; send new claims to
+        the store (after a batch of verdicts: logging and disk never delay one)."""
         if self.pending:
-            events, self.pending = self.pending, ()
+            events, self.pending = self.pending, []
             self._handle_events(events)
         claims = self.core.gate.outbox
         if claims:
