@@ -211,8 +211,9 @@ def print_client_setup(
     ports: list[int],
     spa_ports: frozenset[int],
     profile: str,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> None:
+    out = out or sys.stdout
     spa_port = min(spa_ports) if spa_ports else DEFAULT_SPA_PORT
     print(client_setup(name, entry, host, ports, spa_port, profile), file=out)
     print(file=out)

@@ -154,14 +154,14 @@ def parse_fields(fields: list[str], digest_type: str = "sha256") -> SpaMessage:
         raise SpaError(BAD_FIELDS, f"{len(fields)} fields before the digest, need 6")
     rand, user_b64, ts_text, version, type_text = fields[:5]
     rest = fields[5:]
-    if len(rand) != RAND_DIGITS:
+    if not (len(rand) == RAND_DIGITS and _digits(rand, RAND_DIGITS)):
         raise SpaError(BAD_FIELDS, "random value is not 16 digits")
     username = _username(user_b64)
-    if not (0 < len(ts_text) <= MAX_TIMESTAMP_CHARS and ts_text.isdigit()):
+    if not _digits(ts_text, MAX_TIMESTAMP_CHARS):
         raise SpaError(BAD_FIELDS, "bad timestamp")
     if not 0 < len(version) <= MAX_VERSION_CHARS:
         raise SpaError(BAD_FIELDS, "bad version")
-    if not (0 < len(type_text) <= 2 and type_text.isdigit()) or int(type_text) > 6:
+    if not _digits(type_text, 2) or int(type_text) > 6:
         raise SpaError(BAD_FIELDS, f"bad message type {type_text!r}")
     mtype = MessageType(int(type_text))
     # Field count per type (parse_msg_type): message, [nat], [server_auth], [timeout].
@@ -174,7 +174,7 @@ def parse_fields(fields: list[str], digest_type: str = "sha256") -> SpaMessage:
     timeout = None
     if mtype.has_timeout:
         t = rest[-1]
-        if not (0 < len(t) <= 10 and t.isdigit()) or int(t) > MAX_CLIENT_TIMEOUT:
+        if not _digits(t, 10) or int(t) > MAX_CLIENT_TIMEOUT:
             raise SpaError(BAD_FIELDS, "bad client timeout")
         timeout = int(t)
     server_auth = None
@@ -194,6 +194,11 @@ def parse_fields(fields: list[str], digest_type: str = "sha256") -> SpaMessage:
         client_timeout=timeout,
         digest_type=digest_type,
     )
+
+
+def _digits(text: str, most: int) -> bool:
+    """1..most ASCII decimal digits (str.isdigit alone also takes '²' and '٣')."""
+    return 0 < len(text) <= most and text.isascii() and text.isdigit()
 
 
 def _b64_text(field: str, limit: int, what: str) -> str:
@@ -234,7 +239,7 @@ def _ipv4(text: str) -> str:
 
 
 def _port(text: str) -> int:
-    if not (0 < len(text) <= 5 and text.isdigit()) or not 1 <= int(text) <= 65535:
+    if not _digits(text, 5) or not 1 <= int(text) <= 65535:
         raise SpaError(BAD_FIELDS, f"bad port {text[:8]!r}")
     return int(text)
 
