@@ -465,3 +465,8 @@ def test_any_single_character_change_is_refused(data: st.DataObject) -> None:
     i = data.draw(st.integers(0, len(p) - 1))
     c = data.draw(_B64.filter(lambda ch: ch != p[i]))
     assert not verifier().verify(SRC, DST, p[:i] + bytes([c]) + p[i + 1 :], NOW).ok
+
+
+@pytest.mark.parametrize("src", [b"", b"\x01\x02", bytes(5)])
+def test_a_source_that_is_no_address_gets_no_candidate(src: bytes) -> None:
+    assert code(packet(), src=src) == R.NO_USER_FOR_SOURCE

@@ -130,12 +130,11 @@ class _Candidate:
 
 
 class _Packet:
-    """Per-packet scratch: tags decoded once per tag length, the claim made once."""
+    """Per-packet scratch: the payload digest computed and claimed once."""
 
-    __slots__ = ("claimed", "digest", "tags")
+    __slots__ = ("claimed", "digest")
 
     def __init__(self) -> None:
-        self.tags: dict[int, tuple[bytes, bytes | None]] = {}
         self.claimed = False
         self.digest = b""
 
@@ -170,6 +169,7 @@ class Verifier:
                 )
             )
         self._any_sources = any(c.sources is not None for c in self._candidates)
+        self._tag_lens = {c.tag_len for c in self._candidates if c.state is not None}
 
     def __len__(self) -> int:
         return len(self._candidates)
@@ -191,22 +191,26 @@ class Verifier:
             check_shape(payload)
         except R.SpaError as exc:
             return refusal(exc)
+        if src is not None and len(src) not in (4, 16):
+            return refusal(R.SpaError(R.NO_USER_FOR_SOURCE, "not an IPv4/IPv6 source"))
         candidates = self._for_source(src)
         if not candidates:
             return refusal(R.SpaError(R.NO_USER_FOR_SOURCE))
         pkt = _Packet()
+        # The hot loop under a flood: one HMAC per candidate; the tag of each
+        # length is decoded once per packet, before the loop.
+        tags = {n: _split(payload, n) for n in self._tag_lens}
+        compare = hmac.compare_digest
         best: SpaResult | None = None
         for c in candidates:
-            if c.state is not None:
-                entry = pkt.tags.get(c.tag_len)
-                if entry is None:
-                    entry = pkt.tags[c.tag_len] = _split(payload, c.tag_len)
-                text, tag = entry
+            state = c.state
+            if state is not None:
+                text, tag = tags[c.tag_len]
                 if tag is None:
                     continue
-                h = c.state.copy()
+                h = state.copy()
                 h.update(text)
-                if not hmac.compare_digest(h.digest(), tag):
+                if not compare(h.digest(), tag):
                     continue
                 ciphertext = payload[: -c.tag_len]
             else:
