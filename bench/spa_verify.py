@@ -10,7 +10,7 @@ CBC, distinct random keys):
   so every user's HMAC is tried -- the cost of a flood of garbage);
 * ``wrong_hmac``: well-formed fwknop packets under keys no user has (the same HMAC
   trials; what a flood of someone else's packets costs);
-* ``valid_last``: a valid packet of the *last* user in users-file order (every
+* ``valid_last``: a valid packet of the *last* user in name order (every
   other user's HMAC tried first, then one decryption: the worst legitimate case).
 
 Bounded: each cell runs ``seconds`` of wall time (default 0.5 s), single thread.

@@ -6,7 +6,7 @@ run cheapest first and every failure is a refusal with a stable code
 
 1. Shape: length 140..1500, not starting with ``U2FsdGVkX1``, base64 alphabet.
 2. Candidates: the fwknop users whose optional ``spa_sources`` contain the source.
-3. Per candidate, in users-file order: HMAC (the user's digest; a keyed state
+3. Per candidate, in user-name order (``Config.spa_users``): HMAC (the user's digest; a keyed state
    precomputed here, ``.copy()``-ed per packet; the tag compared in constant time),
    then AES-256 decryption in the user's mode, the 16-digit check, the inner
    digest and the fields.  A packet that passes those is *authenticated*.
@@ -183,6 +183,10 @@ class Verifier:
         replay: ReplayGuard | None = None,
     ) -> SpaResult:
         """Verify one payload from ``src`` to ``dst`` at Unix time ``wall``.
+
+        ``dst`` does not change the outcome today (fwknopd's per-stanza DESTINATION
+        filter is not offered); it is part of the call so the caller's grant and a
+        future filter see the same value.
 
         ``src=None`` (only ``spa inspect`` without ``--source``): the source is
         unknown, so ``spa_sources`` is not applied and an allow-IP is assumed to be
