@@ -283,7 +283,7 @@ def cmd_user(args: argparse.Namespace) -> int:
         if spa_admin.has_keys(users[name]):
             spa_admin.print_client_setup(name, users[name], host, allowed, cfg.spa.ports, profile)
         if {"secret", "secret_utf8"}.isdisjoint(users[name]):
-            print(_signal_daemon(cfg))
+            print(_signal_daemon(cfg), file=sys.stderr)  # status on stderr
             return 0
         print(profile_text(cfg, name, users[name], host, profile, allowed[0]))
         print()

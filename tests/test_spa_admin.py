@@ -216,3 +216,13 @@ def test_inspect_with_a_bad_config_exits_2(
 ) -> None:
     code, _ = inspect(tmp_path / "missing.toml", capsys, "--file", "/dev/null")
     assert code == 2
+
+
+def test_user_add_spa_keeps_the_status_off_stdout(
+    cfg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["user", "add", "alice", "--spa", "--host", "198.51.100.1", "--config", str(cfg)]
+    capsys.readouterr()
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "daemon" in captured.err and "daemon" not in captured.out
