@@ -256,3 +256,29 @@ def test_an_unknown_code_cannot_be_raised() -> None:
         R.SpaError("spa_made_up")
     with pytest.raises(ValueError):
         R.SpaError(R.ACCEPTED)
+
+
+def test_the_encoder_imports_nothing_of_the_daemon() -> None:
+    """nfknock-client imports the encoder: standard library and cryptography only."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys, nfknock.spa.encode; "
+        "print(json.dumps([m for m in sys.modules if m.startswith(('nfknock', "
+        "'netfilterqueue', 'structlog', 'toml', 'segno'))]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    loaded = set(json.loads(out))
+    assert loaded <= {
+        "nfknock",
+        "nfknock.spa",
+        "nfknock.spa.crypto",
+        "nfknock.spa.encode",
+        "nfknock.spa.message",
+        "nfknock.spa.reasons",
+        "nfknock.spa.wire",
+    }, loaded
