@@ -17,6 +17,7 @@ from nfknock.config import Config, ConfigError, load_config, parse_users
 from nfknock.fileio import atomic_write
 from nfknock.schemes import SCHEME_NAMES
 from nfknock.sequence import SchemeError, format_base32, generate_secret, parse_port_list
+from nfknock.spa import admin as spa_admin
 
 CONFIG_TEMPLATE = """\
 # nfknock configuration (TOML).  `nfknock check --config {config}` validates it.
@@ -100,6 +101,7 @@ def register(sub: Any) -> None:
         help="sequence scheme for a new user (default: [knock] scheme); livingstone and "
         "kommen are weak, for existing clients only",
     )
+    p.add_argument("--spa", action="store_true", help="fwknop SPA keys instead of a knock secret")
 
     p = add("rules", cmd_rules, "render, install or remove the static firewall rules")
     p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
@@ -124,6 +126,7 @@ def register(sub: Any) -> None:
 
     p = add("reload", cmd_reload, "make the running daemon re-read its configuration")
     p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
+    spa_admin.register(sub)
 
 
 def _fail(message: str) -> int:
@@ -228,9 +231,9 @@ def cmd_user(args: argparse.Namespace) -> int:
     users = _read_users(cfg)
     action, name = args.action, args.name
     if action == "list":
-        if not cfg.users:
+        if not cfg.all_users:
             print("no users")
-        for u in cfg.users:
+        for u in cfg.all_users:
             ports = ",".join(map(str, sorted(u.ports))) if u.ports is not None else "all"
             print(f"{u.name}\t{'enabled' if u.enabled else 'disabled'}\tports={ports}")
         return 0
@@ -240,8 +243,12 @@ def cmd_user(args: argparse.Namespace) -> int:
         if name in users:
             return _fail(f"user {name!r} exists (use rekey for a new secret)")
         scheme = args.scheme or cfg.knock.scheme
+        if args.spa and not args.host:
+            return _fail("user add --spa needs --host (the address clients send SPA to)")
         key, value = new_secret(scheme)
         entry: dict[str, Any] = {key: value, "enabled": True}
+        if args.spa:
+            entry = {**spa_admin.generate_keys(), "enabled": True}
         if scheme != cfg.knock.scheme:
             entry["scheme"] = scheme
         if args.ports:
@@ -255,10 +262,12 @@ def cmd_user(args: argparse.Namespace) -> int:
     elif action in ("disable", "enable"):
         users[name]["enabled"] = action == "enable"
     elif action == "rekey":
-        for old in ("secret", "secret_utf8"):
-            users[name].pop(old, None)
-        key, value = new_secret(users[name].get("scheme", cfg.knock.scheme))
-        users[name][key] = value
+        spa_admin.rekey(users[name])
+        if not spa_admin.has_keys(users[name]) or {"secret", "secret_utf8"} & users[name].keys():
+            for old in ("secret", "secret_utf8"):
+                users[name].pop(old, None)
+            key, value = new_secret(users[name].get("scheme", cfg.knock.scheme))
+            users[name][key] = value
     elif action == "revoke":
         del users[name]
     try:
@@ -271,6 +280,11 @@ def cmd_user(args: argparse.Namespace) -> int:
         host = args.host or socket.getfqdn()
         profile = args.profile or host
         print()
+        if spa_admin.has_keys(users[name]):
+            spa_admin.print_client_setup(name, users[name], host, allowed, cfg.spa.ports, profile)
+        if {"secret", "secret_utf8"}.isdisjoint(users[name]):
+            print(_signal_daemon(cfg), file=sys.stderr)  # status on stderr
+            return 0
         print(profile_text(cfg, name, users[name], host, profile, allowed[0]))
         print()
         print("# or on the command line (secret in a file only you can read):")

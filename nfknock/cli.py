@@ -117,12 +117,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     for warning in cfg.warnings:
         print(f"nfknock check: warning: {warning}", file=sys.stderr)
-    enabled = sum(1 for u in cfg.users if u.enabled)
+    enabled = sum(1 for u in cfg.all_users if u.enabled)
     ports = ", ".join(f"{p.port}@{p.address}" if p.address else str(p.port) for p in cfg.protect)
     print(
         f"{cfg.path}: OK — protects {ports}; knock range "
         f"{cfg.knock.port_min}-{cfg.knock.port_max}, {cfg.knock.length} knocks; "
-        f"{len(cfg.users)} user(s), {enabled} enabled ({cfg.users_file})"
+        f"{len(cfg.all_users)} user(s), {enabled} enabled ({cfg.users_file})"
+        + (f"; {len(cfg.spa_users)} with SPA keys" if cfg.spa_users else "")
     )
     return EXIT_OK
 

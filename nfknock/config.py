@@ -35,6 +35,7 @@ from nfknock.sequence import (
     SequenceParams,
     parse_base32,
 )
+from nfknock.spa.keys import SpaKeys, parse_spa_keys
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -142,11 +143,14 @@ class LogConfig:
 @dataclass(frozen=True)
 class User:
     name: str
+    # The knock secret; b"" only for an SPA-only user, which is never in
+    # Config.users (the knock engine's input) but only in Config.spa_users.
     secret: bytes = field(repr=False)
     ports: frozenset[int] | None = None  # None: every protected port
     enabled: bool = True
     scheme: Scheme | None = None  # None: v1 with the [knock] parameters
     initial_counter: int = 0  # HOTP schemes (kommen): the counter to start from
+    spa: SpaKeys | None = None  # fwknop keys (nfknock.spa.keys); None: no SPA
 
 
 @dataclass(frozen=True)
@@ -162,9 +166,15 @@ class Config:
     users_file: Path
     control_socket: Path
     log: LogConfig
-    users: tuple[User, ...]
+    users: tuple[User, ...]  # users with a knock secret (the knock engine's input)
     warnings: tuple[str, ...] = ()
     spa: SpaConfig = SpaConfig()
+    spa_users: tuple[User, ...] = ()  # users with fwknop keys (may also knock)
+
+    @property
+    def all_users(self) -> tuple[User, ...]:
+        by_name = {u.name: u for u in (*self.spa_users, *self.users)}
+        return tuple(by_name[n] for n in sorted(by_name))
 
     @property
     def protected_ports(self) -> frozenset[int]:
@@ -469,7 +479,11 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
         raise ConfigError(path, "knock", str(exc)) from None
     if load_users:
         users, warnings = load_users_file(users_file, cfg)
-        cfg = Config(**{**cfg.__dict__, "users": users, "warnings": warnings})
+        knockers = tuple(u for u in users if u.secret)
+        spa_users = tuple(u for u in users if u.spa is not None)
+        cfg = Config(
+            **{**cfg.__dict__, "users": knockers, "spa_users": spa_users, "warnings": warnings}
+        )
     return cfg
 
 
@@ -505,7 +519,10 @@ def load_users_file(path: Path, cfg: Config) -> tuple[tuple[User, ...], tuple[st
 def _secret(u: _Table, scheme: str) -> bytes:
     """``secret`` (base32) or ``secret_utf8`` (raw string, as totp-knockd-rs keeps it)."""
     if "secret" not in u.data and "secret_utf8" not in u.data:
-        raise u.error("secret", "is required (base32; or secret_utf8 for a raw string)")
+        raise u.error(
+            "secret",
+            "is required (base32; or secret_utf8 for a raw string; or fwknop keys for SPA)",
+        )
     if "secret" in u.data and "secret_utf8" in u.data:
         raise u.error("secret", "give only one of secret (base32) and secret_utf8")
     if "secret_utf8" in u.data:
@@ -564,7 +581,10 @@ def parse_users(
             )
         u = table.sub(name)
         scheme = _user_scheme(u, name, cfg)
-        secret = _secret(u, scheme.name)
+        spa, spa_warnings = parse_spa_keys(u)
+        warnings += spa_warnings
+        knocks = spa is None or "secret" in u.data or "secret_utf8" in u.data
+        secret = _secret(u, scheme.name) if knocks else b""
         ports = u.ports("ports")
         if ports is not None:
             stray = sorted(ports - cfg.protected_ports)
@@ -582,7 +602,7 @@ def parse_users(
                 f"(~{scheme.strength_bits():.0f} bits per attempt); use it only to keep "
                 "existing clients"
             )
-        if len(secret) < MIN_SECRET_BYTES:
+        if knocks and len(secret) < MIN_SECRET_BYTES:
             warnings.append(
                 f"{path}: users.{name}: the secret is {len(secret)} bytes, below v1's "
                 f"minimum of {MIN_SECRET_BYTES}"
@@ -595,6 +615,7 @@ def parse_users(
                 enabled=enabled,
                 scheme=None if scheme.name == "v1" else scheme,
                 initial_counter=initial,
+                spa=spa,
             )
         )
     return tuple(users), tuple(warnings)
