@@ -1,10 +1,16 @@
-"""The verdict core: knock engine + gate + grant table behind one small interface.
-Sans-IO: packets and time in, verdicts, events and claims out.
+"""The verdict core: knock engine, SPA verifier, gate and grant table behind one small
+interface.  Sans-IO: packets and time in, verdicts, events and claims out.
 
-    knock SYN ---> Engine (engine.py) --completion--> Gate (gate.py) --claim--> outbox
-                                                        |                        |
-    protected SYN --> port policy --> GrantTable <------+---- resolve(outcome) <-+
+    knock SYN ---> Engine (engine.py) ----completion--> Gate (gate.py) --claim--> outbox
+    SPA packet --> Verifier (spa/verify.py) --success--^   |                        |
+                   + local ReplayCache                      |                        |
+    protected SYN --> port policy --> GrantTable <---------+--- resolve(outcome) <--+
                                       (grants.py)
+
+A knock completion and an SPA success end the same way: an ``Access`` whose claim (the
+counter, or the payload digest) must be won in the state store before its grant
+opens.  Both paths also spend locally at once (the counter window, the replay
+cache), so a replay right behind the original is refused here without waiting.
 
 The adapter (service.py) takes the outbox after each batch of verdicts, records the
 claims in the state store off the packet path, and feeds the outcomes back with
@@ -24,12 +30,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nfknock.config import User
+from nfknock.config import SpaConfig, User
 from nfknock.counters import CounterWindow
 from nfknock.engine import Engine, EngineSettings
-from nfknock.events import Decision, Event, EventKind, Verdict, addr_text
-from nfknock.gate import ClaimOutcome, ClaimRequest, Gate, GatePolicy
+from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict, addr_text
+from nfknock.gate import Access, ClaimOutcome, ClaimRequest, DigestClaim, Gate, GatePolicy
 from nfknock.grants import Grant, GrantTable, split_key
+from nfknock.spa.replay import ReplayCache
+from nfknock.spa.verify import Verifier
 
 WindowList = list[tuple[str, int, CounterWindow]]
 
@@ -41,6 +49,18 @@ def policy_of(settings: EngineSettings) -> GatePolicy:
         max_connections=settings.max_connections,
         max_open_seconds=settings.max_open_seconds,
     )
+
+
+@dataclass
+class Tables:
+    """Everything a configuration determines: rebuilt as a whole at a reload (off the
+    packet path) and swapped in at once."""
+
+    settings: EngineSettings
+    engine: Engine
+    verifier: Verifier | None  # None: no SPA ports, or no user with fwknop keys
+    users: dict[str, User]  # every user, knock and SPA
+    spa: SpaConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +77,40 @@ class GrantRecord:
 
 
 class Core:
-    def __init__(self, settings: EngineSettings, users: Iterable[User], wall: float) -> None:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        users: Iterable[User],
+        wall: float,
+        *,
+        spa_users: Iterable[User] = (),
+        spa: SpaConfig | None = None,
+    ) -> None:
+        spa = spa or SpaConfig(ports=frozenset())
         self.s = settings
         self.grants = GrantTable(max_grants=settings.max_grants, max_behind=settings.max_sources)
-        self.gate = Gate(self.grants, policy_of(settings), lambda: self.knocks.users)
-        self.knocks = Engine(settings, users, wall, self.gate)
-        self._protect = settings.protect
+        self._users: dict[str, User] = {}
+        self.gate = Gate(self.grants, policy_of(settings), lambda: self._users)
+        self.replay = ReplayCache.for_max_age(spa.replay_cache, spa.max_age)
+        tables = self.build(settings, users, spa_users, spa, wall, [])
+        self._install(tables)
+
+    def _install(self, t: Tables) -> None:
+        self.s = t.settings
+        self.knocks = t.engine
+        self.verifier = t.verifier
+        self._users = t.users
+        self.spa = t.spa
+        self.spa_ports = frozenset(t.spa.ports)
+        keep = 2 * t.spa.max_age + 1
+        if (self.replay.capacity, self.replay.keep) != (t.spa.replay_cache, keep):
+            wider = ReplayCache(t.spa.replay_cache, keep)
+            wider.restore(self.replay.export(), 0.0)
+            self.replay = wider
+        self._protect = t.settings.protect
+        self.gate.policy = policy_of(t.settings)
+        self.grants.max_grants = t.settings.max_grants
+        self.grants.max_behind = t.settings.max_sources
 
     # --- the packet path ------------------------------------------------------------
 
@@ -75,6 +123,40 @@ class Core:
 
     def decide(self, src: bytes, dst: bytes, port: int, wall: float, mono: float) -> Decision:
         return self.decide_key(src + dst, port, wall, mono)
+
+    def decide_spa(
+        self, src: bytes, dst: bytes, payload: bytes, wall: float, mono: float
+    ) -> Decision:
+        """One SPA payload (UDP, or a TCP SYN's data): always DROP -- no reply, no
+        ICMP -- with an event carrying the verifier's reason code; a success earns an
+        Access whose digest claim the store must win before the grant opens."""
+        if self.verifier is None:
+            return DROP_SILENT
+        result = self.verifier.verify(src, dst, payload, wall, replay=self.replay)
+        if result.ok and len(result.open_address) != len(dst):
+            kind, reason, code = (
+                EventKind.SPA_REFUSED,
+                "the allow-IP is of another address family than the destination",
+                "spa_allow_ip_refused",
+            )
+        elif result.ok:
+            kind, reason, code = EventKind.SPA_ACCEPTED, result.reason, result.code
+        else:
+            kind, reason, code = EventKind.SPA_REFUSED, result.reason, result.code
+        events = [Event(kind, src, dst, result.user, None, reason, code)]
+        if kind is EventKind.SPA_ACCEPTED and result.user is not None:
+            access = Access(
+                result.user,
+                result.open_address,
+                dst,
+                DigestClaim(result.replay_digest, wall),
+                "spa",
+                ports=result.ports,
+                seconds=float(result.timeout) if result.timeout is not None else None,
+                origin=src,
+            )
+            events += self.gate.earn(access, wall, mono)
+        return Decision(Verdict.DROP, tuple(events))
 
     def decide_protected(self, key: bytes, port: int, mono: float) -> Decision:
         dests = self._protect.get(port, frozenset())
@@ -118,54 +200,70 @@ class Core:
 
     @property
     def users(self) -> Mapping[str, User]:
-        return self.knocks.users
+        """Every user: knock and SPA."""
+        return self._users
 
     # --- configuration changes ------------------------------------------------------
 
-    def set_users(self, users: Iterable[User], mono: float) -> list[Event]:
-        """Same knock parameters, other users: update in place, re-check grants."""
-        old = dict(self.knocks.users)
-        self.knocks.set_users(users)
-        return self.grants.retain(self._allowed(old), mono)
+    def set_users(
+        self, users: Iterable[User], mono: float, spa_users: Iterable[User] = ()
+    ) -> list[Event]:
+        """Same settings, other users (tests and small changes): rebuilt in place."""
+        tables = self.build(self.s, users, spa_users, self.spa, 0.0, self.snapshot_windows())
+        return self.swap(tables, mono)
 
     def snapshot_windows(self) -> WindowList:
         """A copy of the counter windows, for building an engine elsewhere."""
         return [(u, t, copy.deepcopy(w)) for u, t, w in self.knocks.windows()]
 
-    def build_engine(
-        self, settings: EngineSettings, users: Iterable[User], wall: float, windows: WindowList
-    ) -> Engine:
-        """A new knock engine for new settings (pure: may run in another thread; it
-        only touches its own objects)."""
-        engine = Engine(settings, users, wall, self.gate)
-        high, pruned = self.knocks.replay_horizon()
-        engine.restore_counters(windows, high, pruned)
-        return engine
+    def build(
+        self,
+        settings: EngineSettings,
+        users: Iterable[User],
+        spa_users: Iterable[User],
+        spa: SpaConfig,
+        wall: float,
+        windows: WindowList,
+    ) -> Tables:
+        """New tables for a configuration.  Pure (may run in another thread: it reads
+        only its arguments and two integers of the live engine)."""
+        users = list(users)
+        spa_users = list(spa_users)
+        engine = Engine(settings, users, wall or self._wall_hint(), self.gate)
+        if hasattr(self, "knocks"):
+            high, pruned = self.knocks.replay_horizon()
+            engine.restore_counters(windows, high, pruned)
+        protected = frozenset(settings.protect)
+        verifier = Verifier(spa_users, spa, protected) if spa.ports and spa_users else None
+        everyone = {u.name: u for u in (*spa_users, *users)}
+        return Tables(settings, engine, verifier, everyone, spa)
 
-    def swap(self, engine: Engine, mono: float) -> list[Event]:
-        """Make ``engine`` (from :meth:`build_engine`) the live one: counters spent
-        since the snapshot are merged, the gate takes the new policy, every grant is
-        re-checked.  Knock progress in flight is discarded (clients retry)."""
-        old_users = dict(self.knocks.users)
+    def _wall_hint(self) -> float:
+        return self.knocks.step * self.s.params.step_seconds if hasattr(self, "knocks") else 0.0
+
+    def swap(self, tables: Tables, mono: float) -> list[Event]:
+        """Make ``tables`` (from :meth:`build`) the live ones: counters spent since the
+        snapshot are merged, every grant re-checked against the new configuration.
+        Knock progress in flight is discarded (clients retry)."""
+        old_users = dict(self._users)
         for user, step, window in self.knocks.windows():
-            if user in engine.users:
-                engine.merge_window(user, step, window)
-        self.s = engine.s
-        self._protect = engine.s.protect
-        self.gate.policy = policy_of(engine.s)
-        self.grants.max_grants = engine.s.max_grants
-        self.grants.max_behind = engine.s.max_sources
-        self.knocks = engine
+            if user in tables.engine.users:
+                tables.engine.merge_window(user, step, window)
+        self._install(tables)
         return self.grants.retain(self._allowed(old_users), mono)
 
     def _allowed(self, old_users: Mapping[str, User]) -> Any:
         policy = self.gate.policy
-        users = self.knocks.users
+        users = self._users
 
         def allowed(name: str, dst: bytes) -> tuple[frozenset[int], int, float]:
             user = users.get(name)
             before = old_users.get(name)
-            rekeyed = before is not None and user is not None and before.secret != user.secret
+            rekeyed = (
+                before is not None
+                and user is not None
+                and (before.secret != user.secret or before.spa != user.spa)
+            )
             if user is None or rekeyed:
                 return frozenset(), 0, 0.0
             longest = max(policy.open_seconds, policy.max_open_seconds)
@@ -209,6 +307,13 @@ class Core:
             if g.confirmed and g.expires > mono and g.remaining > 0
         ]
 
+    def restore_digests(self, digests: Iterable[tuple[bytes, float]], wall: float) -> int:
+        """Remember stored SPA digests (claimed at ``when``) for the replay cache."""
+        keep = self.replay.keep
+        entries = [[d.hex(), when + keep] for d, when in digests]
+        self.replay.restore(entries, wall)
+        return len(self.replay)
+
     def restore_grants(self, records: Iterable[GrantRecord], wall: float, mono: float) -> int:
         """Re-instate stored grants, each cut to what the configuration allows now."""
         restored = 0
@@ -217,7 +322,7 @@ class Core:
             expires = mono + min(
                 r.expires - wall, max(policy.open_seconds, policy.max_open_seconds)
             )
-            user = self.knocks.users.get(r.user)
+            user = self._users.get(r.user)
             ports = r.ports & policy.ports_for(user, r.dst)
             remaining = min(r.remaining, policy.max_connections)
             if not ports or remaining <= 0 or expires <= mono:

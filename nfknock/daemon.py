@@ -276,7 +276,7 @@ class Daemon:
                     knock.append(
                         VerdictQueue.bind(
                             number,
-                            self.service.decide_packet,
+                            self.service.decide_knock,
                             max_len=cfg.queue.max_len,
                             copy_range=COPY_RANGE,
                             sock_len=cfg.queue.max_len * SOCKET_BYTES_PER_PACKET,

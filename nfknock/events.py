@@ -27,6 +27,8 @@ class EventKind(enum.Enum):
     GRANT_EXPIRED = "grant_expired"
     GRANT_REVOKED = "grant_revoked"
     GRANT_NARROWED = "grant_narrowed"
+    SPA_ACCEPTED = "spa_accepted"
+    SPA_REFUSED = "spa_refused"
     CLAIM_FAILED = "claim_failed"
     REPLAY_STATE_GAP = "replay_state_gap"
     PROTECTED_ACCEPT = "protected_accept"

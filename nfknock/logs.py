@@ -30,6 +30,9 @@ EVENT_LEVEL = {
     EventKind.SEQUENCE_STALE: logging.WARNING,
     EventKind.MALFORMED_PACKET: logging.WARNING,
     EventKind.INTERNAL_ERROR: logging.ERROR,
+    EventKind.SPA_REFUSED: logging.WARNING,
+    EventKind.CLAIM_FAILED: logging.ERROR,
+    EventKind.REPLAY_STATE_GAP: logging.ERROR,
 }
 RATE_LIMITED = frozenset(
     {
@@ -37,6 +40,7 @@ RATE_LIMITED = frozenset(
         EventKind.MALFORMED_PACKET,
         EventKind.SOURCE_EVICTED,
         EventKind.PROGRESS_RESET,
+        EventKind.SPA_REFUSED,
     }
 )
 

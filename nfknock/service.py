@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from nfknock.config import Config, ConfigError, load_config
-from nfknock.core import Core
+from nfknock.core import Core, Tables
 from nfknock.engine import Engine, EngineSettings
 from nfknock.events import Event, EventKind, Verdict
 from nfknock.gate import Outcome
 from nfknock.logs import EventLogger
 from nfknock.packet import MalformedPacket, parse_key
+from nfknock.spa.packet import parse_spa_packet
 from nfknock.store import Snapshot, StateError, StateStore
 from nfknock.store.embedded import EmbeddedStore
 from nfknock.store.worker import StoreWorker
@@ -59,7 +60,7 @@ class Restored:
 @dataclass
 class PreparedReload:
     cfg: Config
-    engine: Engine
+    tables: Tables
     how: str
 
 
@@ -76,13 +77,20 @@ class Service:
         self.events = events
         self.wall = wall
         self.mono = mono
-        self.core = Core(EngineSettings.from_config(cfg), cfg.users, wall())
+        self.core = Core(
+            EngineSettings.from_config(cfg),
+            cfg.users,
+            wall(),
+            spa_users=cfg.spa_users,
+            spa=cfg.spa,
+        )
         self.store = StoreWorker(store if store is not None else open_store(cfg), wall)
         self.verdicts = [0, 0, 0, 0]  # indexed by Verdict
         self.pending: list[Event] = []  # events of the decisions since the last settle
         self.now = mono()  # the monotonic time of the latest packet
         self.wall_offset = wall() - self.now
         self.malformed = 0
+        self.spa_results: dict[str, int] = {}  # SPA outcomes by reason code
         self.errors = 0
         self.claim_failures = 0
         self.started = wall()
@@ -113,6 +121,7 @@ class Service:
             writable = False
             self.state_error = str(exc)
         grants = self.core.restore_grants(snap.grants, wall, mono) if writable else 0
+        self.core.restore_digests(snap.digests, wall)
         self._horizon = self.core.knocks.replay_horizon()
         return Restored(counters, grants, snap.clean, snap.fresh, writable)
 
@@ -142,29 +151,69 @@ class Service:
         return verdict
 
     def decide_packet(self, payload: bytes) -> Verdict:
-        """The verdict for one queued packet; its events wait for :meth:`settle`.
-        Never raises: anything unexpected is DROP plus an event (fail closed)."""
+        """The verdict for one packet of the priority queue (or of a single queue):
+        protected-port SYNs, SPA packets (UDP, or a TCP SYN with data to an SPA port)
+        and knocks.  Its events wait for :meth:`settle`.  Never raises: anything
+        unexpected is DROP plus an event (fail closed)."""
         try:
-            # One clock read a packet: wall time follows the monotonic clock, the
-            # offset re-read at every tick (a clock step shows within 0.25 s).
             mono = self.now = self.mono()
-            key, port = parse_key(payload)
+            try:
+                key, port = parse_key(payload)
+            except MalformedPacket as exc:
+                if exc.reason != "not-tcp" or not self.core.spa_ports:
+                    raise
+                return self._spa(payload, mono)
+            if port in self.core.spa_ports:
+                return self._spa(payload, mono)
             decision = self.core.decide_key(key, port, mono + self.wall_offset, mono)
             if decision.events:
                 self.pending += decision.events
             self.verdicts[decision.verdict] += 1
             return decision.verdict
         except MalformedPacket as exc:
-            self.malformed += 1
-            self._log(
-                Event(
-                    EventKind.MALFORMED_PACKET, _src_of(payload), reason=exc.reason, code=exc.reason
-                )
-            )
+            self._malformed(payload, exc)
         except Exception as exc:  # a bug: still a verdict, still running
             self.internal_error(exc, payload)
         self.verdicts[Verdict.DROP] += 1
         return Verdict.DROP
+
+    def decide_knock(self, payload: bytes) -> Verdict:
+        """The knock queue's hot path: only TCP SYNs to the knock range come here."""
+        try:
+            mono = self.now = self.mono()
+            key, port = parse_key(payload)
+            decision = self.core.knocks.decide_key(key, port, mono + self.wall_offset, mono)
+            if decision.events:
+                self.pending += decision.events
+            self.verdicts[decision.verdict] += 1
+            return decision.verdict
+        except MalformedPacket as exc:
+            self._malformed(payload, exc)
+        except Exception as exc:  # a bug: still a verdict, still running
+            self.internal_error(exc, payload)
+        self.verdicts[Verdict.DROP] += 1
+        return Verdict.DROP
+
+    def _spa(self, payload: bytes, mono: float) -> Verdict:
+        """An SPA packet: always DROP (silently on the wire), with its result."""
+        packet = parse_spa_packet(payload)
+        if packet.dport not in self.core.spa_ports:
+            raise MalformedPacket("not-an-spa-port")
+        decision = self.core.decide_spa(
+            packet.src, packet.dst, packet.payload, mono + self.wall_offset, mono
+        )
+        for event in decision.events:
+            if event.kind in (EventKind.SPA_ACCEPTED, EventKind.SPA_REFUSED):
+                self.spa_results[event.code] = self.spa_results.get(event.code, 0) + 1
+        self.pending += decision.events
+        self.verdicts[Verdict.DROP] += 1
+        return Verdict.DROP
+
+    def _malformed(self, payload: bytes, exc: MalformedPacket) -> None:
+        self.malformed += 1
+        self._log(
+            Event(EventKind.MALFORMED_PACKET, _src_of(payload), reason=exc.reason, code=exc.reason)
+        )
 
     def settle(self) -> None:
         """Log the events of the decisions since the last call; send new claims to
@@ -252,13 +301,13 @@ class Service:
             raise ConfigError(new.path, "state.path", "changing the state file needs a restart")
         settings = EngineSettings.from_config(new)
         changed = settings != self.core.s
-        engine = self.core.build_engine(settings, new.users, self.wall(), snapshot)
+        tables = self.core.build(settings, new.users, new.spa_users, new.spa, self.wall(), snapshot)
         how = (
             "configuration reloaded (knock parameters changed)"
             if changed
             else "configuration reloaded"
         )
-        return PreparedReload(new, engine, how)
+        return PreparedReload(new, tables, how)
 
     def reload_snapshot(self) -> Any:
         """What :meth:`prepare_reload` needs from the live core (call between packets)."""
@@ -267,7 +316,7 @@ class Service:
     def finish_reload(self, prepared: PreparedReload) -> str:
         """Swap the prepared engine in (between packets): counters spent meanwhile are
         merged, every grant re-checked against the new configuration (events)."""
-        events = self.core.swap(prepared.engine, self.mono())
+        events = self.core.swap(prepared.tables, self.mono())
         self.cfg = prepared.cfg
         self._handle_events(events)
         return prepared.how
@@ -289,13 +338,24 @@ class Service:
             "uptime": round(wall - self.started, 1),
             "step": step,
             "users": {
-                u.name: {"enabled": u.enabled, "counter": counters.get(u.name, 0)}
-                for u in self.cfg.users
+                u.name: {
+                    "enabled": u.enabled,
+                    "counter": counters.get(u.name, 0),
+                    "knock": bool(u.secret),
+                    "spa": u.spa is not None,
+                }
+                for u in self.cfg.all_users
             },
             "grants": self.core.grant_list(wall, mono),
             "tracked_sources": self.core.knocks.tracked_sources(),
             "verdicts": self.verdict_counts(),
             "malformed": self.malformed,
+            "spa": {
+                "ports": sorted(self.core.spa_ports),
+                "users": len(self.cfg.spa_users),
+                "results": dict(sorted(self.spa_results.items())),
+                "replay_cache": len(self.core.replay),
+            },
             "internal_errors": self.errors,
             "state": {
                 "store": worker.store.description,

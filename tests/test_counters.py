@@ -53,7 +53,9 @@ claims = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(sequence=claims)
 def test_the_embedded_store_claims_exactly_as_the_rule(
     tmp_path_factory: object, sequence: list[tuple[int, int, int]]
