@@ -167,25 +167,32 @@ class Daemon:
 
         cfg = self.service.cfg
         restored, clean = self.service.restore()
-        nfq = NetfilterQueue()
-        try:
-            nfq.bind(
-                cfg.queue.number,
-                self.handle,
-                max_len=cfg.queue.max_len,
-                range=COPY_RANGE,
-                # The netlink socket must hold a full queue, or the kernel drops
-                # messages before the queue is full ("user_dropped").
-                sock_len=cfg.queue.max_len * SOCKET_BYTES_PER_PACKET,
-            )
-        except OSError as exc:
-            log.error(
-                "queue_bind_failed",
-                queue=cfg.queue.number,
-                error=str(exc),
-                reason="another process may hold the queue, or CAP_NET_ADMIN is missing",
-            )
-            return 1
+        # The priority queue (protected ports, SPA) and the knock queue, one handle
+        # each, same handler; the priority queue is listed (and served) first.
+        queues: list[Any] = []
+        for number in (cfg.queue.number, cfg.queue.knock_number):
+            nfq = NetfilterQueue()
+            try:
+                nfq.bind(
+                    number,
+                    self.handle,
+                    max_len=cfg.queue.max_len,
+                    range=COPY_RANGE,
+                    # The netlink socket must hold a full queue, or the kernel drops
+                    # messages before the queue is full ("user_dropped").
+                    sock_len=cfg.queue.max_len * SOCKET_BYTES_PER_PACKET,
+                )
+            except OSError as exc:
+                log.error(
+                    "queue_bind_failed",
+                    queue=number,
+                    error=str(exc),
+                    reason="another process may hold the queue, or CAP_NET_ADMIN is missing",
+                )
+                for bound in queues:
+                    bound.unbind()
+                return 1
+            queues.append(nfq)
         control = self._open_control()
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
@@ -207,26 +214,29 @@ class Daemon:
         for warning in cfg.warnings:
             log.warning("config_warning", detail=warning)
         notify(f"READY=1\nSTATUS=verdicts on queue {cfg.queue.number}")
-        fd = nfq.get_fd()
+        fds = {nfq.get_fd(): nfq for nfq in queues}
         poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
         poller.register(wake_r.fileno(), select.POLLIN)
         poller.register(control.fileno(), select.POLLIN)
         try:
             while not self._stop:
                 ready = {f for f, _ in poller.poll(int(HOUSEKEEPING * 1000))}
-                if fd in ready:
-                    nfq.run(block=False)
+                for fd, nfq in fds.items():
+                    if fd in ready:
+                        nfq.run(block=False)
                 if wake_r.fileno() in ready:
                     with contextlib.suppress(BlockingIOError):
                         wake_r.recv(64)
-                if time.monotonic() >= self._next_housekeeping or self._reload or ready - {fd}:
+                if time.monotonic() >= self._next_housekeeping or self._reload or ready - set(fds):
                     self.housekeeping()
         finally:
             notify("STOPPING=1")
             # Unbinding hands queued packets back to the kernel, which drops them
             # (no --queue-bypass): fail closed.
-            nfq.unbind()
+            for nfq in queues:
+                nfq.unbind()
             with contextlib.suppress(OSError):
                 self.service.save(clean=True)
             if self._control is not None:
