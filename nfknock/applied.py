@@ -104,7 +104,10 @@ def load(path: Path) -> Applied | None:
                 f"{path}: owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}; "
                 "it must belong to this user and be writable by nobody else"
             )
-        raw = f.read(MAX_BYTES + 1)
+        try:
+            raw = f.read(MAX_BYTES + 1)
+        except OSError as exc:
+            raise RecordError(f"{path}: {exc.strerror}") from None
     if len(raw) > MAX_BYTES:
         raise RecordError(f"{path}: larger than {MAX_BYTES} bytes")
     try:

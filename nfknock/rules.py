@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nfknock import applied, xtables
 from nfknock.applied import DEFAULT_APPLIED, Applied, FamilyRecord, RecordError
-from nfknock.config import Config
+from nfknock.config import Config, ConfigError
 from nfknock.render import (
     CHAIN,
     OWNED_CHAINS,
@@ -197,7 +197,11 @@ def check(cfg: Config, applied_path: Path = DEFAULT_APPLIED) -> list[Problem]:
             Problem("applied_record_invalid", "", str(exc), f"move it aside and run `{install}`")
         )
     for fam in FAMILIES:
-        rendered = render_iptables(cfg, fam.version)
+        try:
+            rendered = render_iptables(cfg, fam.version)
+        except ConfigError as exc:  # valid for the daemon, not expressible in iptables
+            problems.append(Problem("config_unrenderable", fam.tool, str(exc), "fix the config"))
+            continue
         try:
             table = xtables.read_table(fam)
         except RulesError as exc:

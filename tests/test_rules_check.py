@@ -196,6 +196,16 @@ def test_an_unreadable_firewall_is_a_problem_not_an_exception(
     ]
 
 
+def test_a_config_iptables_cannot_express_is_a_problem(kernel: FakeKernel, record: Path) -> None:
+    cfg = _config(CONFIG + "[spa]\nrate_global = 5000000\n")
+    problems = rules.check(cfg, record)
+    assert _codes(problems) == [
+        ("config_unrenderable", "iptables"),
+        ("config_unrenderable", "ip6tables"),
+    ]
+    assert "spa.rate_global" in problems[0].detail
+
+
 # --- transactions ------------------------------------------------------------------
 
 
