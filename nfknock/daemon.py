@@ -167,10 +167,14 @@ class Daemon:
 
         cfg = self.service.cfg
         restored, clean = self.service.restore()
-        # The priority queue (protected ports, SPA) and the knock queue, one handle
-        # each, same handler; the priority queue is listed (and served) first.
+        # The knock queue and the priority queue (protected ports, SPA), one handle
+        # each, same handler.  Served knock queue first: a client's knocks enter
+        # the kernel before the SYN that relies on them, and answering that SYN
+        # before its last knocks would refuse (or reset) a correct sequence.
+        # Serving the priority queue first needs a drain of the knock queue before
+        # a protected SYN is refused -- the daemon loop's rewrite, not this one.
         queues: list[Any] = []
-        for number in (cfg.queue.number, cfg.queue.knock_number):
+        for number in (cfg.queue.knock_number, cfg.queue.number):
             nfq = NetfilterQueue()
             try:
                 nfq.bind(
