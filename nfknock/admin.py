@@ -357,6 +357,7 @@ def _install_or_last_good(config: str, applied_path: Path) -> int:
         return 1
     except (ConfigError, rules.RulesError) as exc:
         print(f"nfknock rules: error: {exc}", file=sys.stderr)
+        failed = 2 if isinstance(exc, ConfigError) else 1
     try:
         record = rules.reapply(applied_path)
     except rules.RecordError as exc:
@@ -372,13 +373,13 @@ def _install_or_last_good(config: str, applied_path: Path) -> int:
     if record is None:
         print(
             f"nfknock rules: nothing was installed (no last good ruleset at {applied_path}); "
-            "fix the config and run `nfknock rules --install` again",
+            "fix the error above and run `nfknock rules --install` again",
             file=sys.stderr,
         )
-        return 2
+        return failed
     print(
         f"nfknock rules: re-applied the last good ruleset installed at {record.when()} "
-        f"from {record.config}; fix the config and run `nfknock rules --install` again",
+        f"from {record.config}; fix the error above and run `nfknock rules --install` again",
         file=sys.stderr,
     )
     return 1

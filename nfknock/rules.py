@@ -90,7 +90,10 @@ def _install(texts: dict[str, str], previous: Applied | None) -> dict[str, Famil
     for fam in FAMILIES:
         table = xtables.read_table(fam)
         txn = xtables.transaction(texts[fam.tool], table)
-        xtables.test_restore(fam, txn)
+        try:
+            xtables.test_restore(fam, txn)
+        except RulesError as exc:
+            raise RulesError(f"{exc}; nothing was changed") from None
         planned.append((fam, txn))
     done: list[Family] = []
     for fam, txn in planned:

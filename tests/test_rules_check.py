@@ -244,6 +244,47 @@ def test_removal_touches_only_our_chains_and_the_jumps_into_them() -> None:
     assert xtables.removal(parse_listing("-P INPUT ACCEPT\n-A INPUT -j ACCEPT\n")) is None
 
 
+def test_a_refused_second_family_puts_the_first_back_and_keeps_the_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: FakeKernel
+) -> None:
+    path = tmp_path / "rules.applied"
+    old = _record(path, _config())
+    committed: list[tuple[str, str]] = []
+
+    def restore(family: Family, text: str) -> None:
+        if family.version == 6 and not any(t == "ip6tables" for t, _ in committed):
+            committed.append(("ip6tables", "refused"))
+            raise xtables.RulesError("ip6tables-restore failed: line 9")
+        committed.append((family.tool, text))
+
+    monkeypatch.setattr(xtables, "test_restore", lambda family, text: None)
+    monkeypatch.setattr(xtables, "restore", restore)
+    new = _config(CONFIG.replace("[8080]", "[8443]"))
+    with pytest.raises(rules.RulesError) as raised:
+        rules.apply(new, path)
+    assert "line 9; iptables put back to the rules installed at 2023-11-14T22:13:20Z" in str(
+        raised.value
+    )
+    (first, text1), refused, (again, text2) = committed
+    assert (first, again, refused[0]) == ("iptables", "iptables", "ip6tables")
+    assert "8443" in text1 and "8080" in text2 and "8443" not in text2
+    assert applied.load(path) == old  # the record still names the rules in force
+
+
+def test_nothing_is_committed_unless_both_families_test_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: FakeKernel
+) -> None:
+    def test_restore(family: Family, text: str) -> None:
+        if family.version == 6:
+            raise xtables.RulesError("ip6tables-restore --test failed: hashlimit")
+
+    monkeypatch.setattr(xtables, "test_restore", test_restore)
+    monkeypatch.setattr(xtables, "restore", _no_firewall)
+    with pytest.raises(rules.RulesError, match="hashlimit; nothing was changed"):
+        rules.apply(_config(), tmp_path / "rules.applied")
+    assert not (tmp_path / "rules.applied").exists()
+
+
 # --- the applied record ------------------------------------------------------------
 
 
