@@ -18,12 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nfknock.config import QueueConfig
 from nfknock.netlab import CLIENT4, PY, SERVER4, Lab
 from nfknock.sequence import format_base32
 
 HERE = Path(__file__).parent
 SENDER_CPU, FILTER_CPU = "0", "1"
 KNOCK_RANGE = "1024-33791"
+# The floods go to the knock range, which the rules send to the knock queue.
+FLOOD_QUEUE = QueueConfig().knock_number
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -117,6 +120,8 @@ class Bench:
             FILTER_CPU,
             PY,
             str(HERE / "bare_queue.py"),
+            "--queue",
+            str(FLOOD_QUEUE),
             log=self.workdir / "bare.log",
         )
         deadline = time.monotonic() + 20
@@ -140,7 +145,7 @@ class Bench:
         text = self.lab.sh(self.lab.server, "cat", "/proc/net/netfilter/nfnetlink_queue").stdout
         for line in text.splitlines():
             f = line.split()
-            if f and f[0] == "0":
+            if f and f[0] == str(FLOOD_QUEUE):
                 # queue_dropped: the queue was full (no id given); user_dropped: the
                 # netlink socket was full (after the id was given).
                 return {

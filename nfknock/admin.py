@@ -13,6 +13,7 @@ from typing import Any
 
 import toml
 
+from nfknock.applied import DEFAULT_APPLIED
 from nfknock.config import Config, ConfigError, load_config, parse_users
 from nfknock.fileio import atomic_write
 from nfknock.schemes import SCHEME_NAMES
@@ -109,10 +110,24 @@ def register(sub: Any) -> None:
         "--format", choices=["iptables", "ip6tables", "nftables", "aws-sg"], default="iptables"
     )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--install", action="store_true", help="apply (iptables, IPv4 and IPv6)")
+    g.add_argument(
+        "--install",
+        action="store_true",
+        help="apply (iptables, IPv4 and IPv6) and record them as the last good ruleset; "
+        "if the config does not validate, re-apply the last good ruleset and exit 1",
+    )
     g.add_argument("--remove", action="store_true", help="remove nfknock's chains only")
     g.add_argument(
-        "--verify", action="store_true", help="exit 1 unless the installed rules match the config"
+        "--verify",
+        action="store_true",
+        help="exit 1 unless nfknock's jumps come first and its chains are exactly what "
+        "was installed and what the config renders",
+    )
+    p.add_argument(
+        "--applied",
+        default=str(DEFAULT_APPLIED),
+        metavar="PATH",
+        help=f"the record of the last good install (default: {DEFAULT_APPLIED})",
     )
 
     p = add("run", cmd_run, "run the verdict daemon on the NFQUEUE")
@@ -124,8 +139,18 @@ def register(sub: Any) -> None:
 
     add("demo", cmd_demo, "a self-contained demonstration in network namespaces (root)")
 
-    p = add("reload", cmd_reload, "make the running daemon re-read its configuration")
+    p = add(
+        "reload",
+        cmd_reload,
+        "validate the configuration, re-apply the rules, make the running daemon re-read it",
+    )
     p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
+    p.add_argument(
+        "--applied",
+        default=str(DEFAULT_APPLIED),
+        metavar="PATH",
+        help=f"the record of the last good install (default: {DEFAULT_APPLIED})",
+    )
     spa_admin.register(sub)
 
 
@@ -299,22 +324,26 @@ def cmd_user(args: argparse.Namespace) -> int:
 def cmd_rules(args: argparse.Namespace) -> int:
     from nfknock import rules
 
-    # The users' schemes widen the knock range; only --remove works without them.
-    cfg = load_config(args.config, load_users=not args.remove)
+    applied_path = Path(args.applied)
+    if args.install:
+        return _install_or_last_good(args.config, applied_path)
     try:
-        if args.install:
-            for line in rules.install(cfg):
-                print(line)
-        elif args.remove:
+        if args.remove:  # needs nothing from the config: works when it is broken too
             for line in rules.remove():
                 print(line)
-        elif args.verify:
-            problems = rules.verify(cfg)
-            for line in problems:
-                print(f"nfknock rules: {line}", file=sys.stderr)
+            return 0
+        cfg = load_config(args.config)  # the users' schemes widen the knock range
+        if args.verify:
+            problems = rules.check(cfg, applied_path)
+            for problem in problems:
+                print(f"nfknock rules: {problem} [{problem.code}]", file=sys.stderr)
+                print(f"  fix: {problem.fix}", file=sys.stderr)
             if problems:
                 return 1
-            print("nfknock rules: installed and complete (IPv4 and IPv6)")
+            print(
+                "nfknock rules: installed, entered first from INPUT/FORWARD, and exactly "
+                "what the config renders (IPv4 and IPv6)"
+            )
         elif args.format == "nftables":
             sys.stdout.write(rules.render_nftables(cfg))
         elif args.format == "aws-sg":
@@ -325,6 +354,49 @@ def cmd_rules(args: argparse.Namespace) -> int:
         print(f"nfknock rules: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _install_or_last_good(config: str, applied_path: Path) -> int:
+    """``rules --install``: the config's rules, or -- when the config does not validate
+    or its rules are refused -- the last good ruleset, loudly (exit 1): a bad config
+    must never leave the protected ports more open than the last good one."""
+    from nfknock import rules
+
+    try:
+        for line in rules.apply(load_config(config), applied_path):
+            print(line)
+        return 0
+    except rules.RecordNotWritten as exc:  # the new rules are in place
+        print(f"nfknock rules: error: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, rules.RulesError) as exc:
+        print(f"nfknock rules: error: {exc}", file=sys.stderr)
+        failed = 2 if isinstance(exc, ConfigError) else 1
+    try:
+        record = rules.reapply(applied_path)
+    except rules.RecordError as exc:
+        print(f"nfknock rules: error: no usable last good ruleset: {exc}", file=sys.stderr)
+        record = None
+    except rules.RulesError as exc:
+        print(
+            f"nfknock rules: error: re-applying the last good ruleset from {applied_path} "
+            f"failed: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    if record is None:
+        print(
+            f"nfknock rules: nothing was installed (no last good ruleset at {applied_path}); "
+            "fix the error above and run `nfknock rules --install` again",
+            file=sys.stderr,
+        )
+        return failed
+    print(
+        f"nfknock rules: re-applied the last good ruleset installed at {record.when()} "
+        f"from {record.config}; fix the error above and run `nfknock rules --install` again",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -394,7 +466,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)  # refuse to ask for a reload of a bad config
+    """Validate, re-apply the rules (refused: the old rules and the running config
+    stay), then ask the daemon to re-read its configuration."""
+    from nfknock import rules
+
+    failed = False
+    try:
+        cfg = load_config(args.config)
+        lines = rules.apply(cfg, Path(args.applied))
+    except rules.RecordNotWritten as exc:  # the new rules are in place: tell the daemon
+        print(f"nfknock reload: error: {exc}", file=sys.stderr)
+        failed, lines = True, []
+    except ConfigError as exc:
+        print(f"nfknock reload: error: {exc}; nothing was changed", file=sys.stderr)
+        return 2
+    except rules.RulesError as exc:
+        print(
+            f"nfknock reload: error: the new rules could not be installed: {exc}; the "
+            "running configuration stays",
+            file=sys.stderr,
+        )
+        return 1
+    for line in lines:
+        print(line)
     message = _signal_daemon(cfg)
     print(message)
-    return 0 if message == "the running daemon reloaded" else 1
+    return 0 if message == "the running daemon reloaded" and not failed else 1

@@ -114,11 +114,14 @@ class Core:
 
     # --- the packet path ------------------------------------------------------------
 
-    def decide_key(self, key: bytes, port: int, wall: float, mono: float) -> Decision:
+    def decide_key(
+        self, key: bytes, port: int, wall: float, mono: float, defer: bool = False
+    ) -> Decision:
         """One new TCP SYN (``key`` = packed source + destination) on a queue that
-        carries both knocks and protected ports."""
+        carries protected ports (and knocks, with a single queue).  ``defer``: see
+        :meth:`decide_protected`."""
         if port in self._protect:
-            return self.decide_protected(key, port, mono)
+            return self.decide_protected(key, port, mono, defer)
         return self.knocks.decide_key(key, port, wall, mono)
 
     def decide(self, src: bytes, dst: bytes, port: int, wall: float, mono: float) -> Decision:
@@ -158,12 +161,20 @@ class Core:
             events += self.gate.earn(access, wall, mono)
         return Decision(Verdict.DROP, tuple(events))
 
-    def decide_protected(self, key: bytes, port: int, mono: float) -> Decision:
+    def decide_protected(self, key: bytes, port: int, mono: float, defer: bool = False) -> Decision:
+        """ACCEPT / HOLD / REJECT / DROP (grants.py).  ``defer``: a SYN that finds
+        no grant is HELD instead of dropped or reset (no event) -- the knocks that
+        earn its grant (or the stale completion that marks it behind, or the fresh
+        one that clears that mark) may still wait in the knock queue, which the
+        priority queue overtakes; the adapter decides it again, without ``defer``,
+        once it has read them."""
         dests = self._protect.get(port, frozenset())
         src, dst = split_key(key)
         if dests is not None and dst not in dests:
             return _drop(src, dst, port, "not protected at this destination", "not_protected_here")
         verdict, grant = self.grants.decide(key, port, mono)
+        if defer and (verdict is Verdict.DROP or verdict is Verdict.REJECT):
+            return Decision(Verdict.HOLD)
         if verdict is Verdict.ACCEPT and grant is not None:
             reason = f"grant used, {grant.remaining} connection(s) left"
             ev = Event(EventKind.PROTECTED_ACCEPT, src, dst, grant.user, port, reason, "granted")

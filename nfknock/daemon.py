@@ -7,6 +7,12 @@ priority queue first: the knock queue is pumped a bounded number of packets, for
 bounded time, before the loop looks again -- so a flood on the knock range cannot
 delay a granted connection, and SIGTERM is seen within a second under any flood.
 
+Overtaking has one catch: a client's last knocks enter the kernel before the SYN
+that relies on them, but sit in the other queue.  So a protected SYN that finds no
+grant is not dropped at once: it is *deferred* (held) until the knock queue has been
+read in this turn, then decided again -- now finding the grant, or the "behind" mark
+of a stale sequence, or nothing (DROP).  A SYN that finds its grant is never held.
+
 Every packet gets exactly one verdict, given in a ``finally`` (an exception in the
 callback would otherwise leave the packet queued and jam the queue).  A SYN whose
 grant is still pending (its claim not yet durable) is HELD: kept, with a bounded
@@ -123,16 +129,20 @@ class Daemon:
         self.mailbox = Mailbox()
         self._held: deque[_Held] = deque()
         self._reloading: tuple[threading.Thread, list[Any]] | None = None
+        # Protected SYNs without a grant wait for the knock queue (see the module
+        # docstring); only when knocks come on a queue of their own.
+        self.defer = cfg.queue.knock_number != cfg.queue.number
         self._reload_waiters: list[Future[dict[str, Any]]] = []
 
     # --- the packet path ------------------------------------------------------
 
     def handle(self, pkt: Any) -> None:
+        """The priority queue's callback."""
         verdict = Verdict.DROP
         payload = b""
         try:
             payload = pkt.get_payload()
-            verdict = self.service.decide_packet(payload)
+            verdict = self.service.decide_packet(payload, defer=self.defer)
         except Exception as exc:  # decide_packet never raises; get_payload might
             self.service.internal_error(exc, b"")
         finally:
@@ -373,6 +383,8 @@ class Daemon:
                         except OSError as exc:  # a batch not sent: its packets stay queued
                             self.service.internal_error(exc, b"")
                         self.service.settle()  # the slice's events and claims
+                if self._held:  # deferred SYNs: their knocks have been read now
+                    self._redecide_held()
                 if mail_fd in ready:
                     self.mailbox.serve(self._control)
                 if wake_r.fileno() in ready:

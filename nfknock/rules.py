@@ -1,321 +1,335 @@
-"""The static ruleset: render it (iptables-restore, nftables) and install/remove it.
+"""Install, check and remove nfknock's static rules (iptables and ip6tables).
 
-The rules never change at run time.  nfknock owns exactly the chains
-``NFKNOCK-INPUT`` / ``NFKNOCK-FORWARD`` (jumped to from the top of ``INPUT`` and
-``FORWARD`` in the filter table) or the nftables table ``inet nfknock``; it never
-flushes anything else, never changes a policy and never touches another rule.
+The text and the order of the rules are :mod:`nfknock.render`'s (its docstring is
+the security argument); the transactions are :mod:`nfknock.xtables`'; the record of
+the last good install is :mod:`nfknock.applied`'s.  This module ties them together:
 
-Order inside each chain (the order is the security argument):
-
-1. ``lo`` returns (local services are not knock targets);
-2. established/related traffic of the protected ports is accepted;
-3. the static allowlist (``[[allow]]``) is accepted: the admins' break-glass;
-4. packets carrying nfknock's reject mark get a TCP reset -- the daemon's REJECT is
-   ``set_mark`` + ``repeat()``, which re-runs the hook, so this rule must come
-   before the queue rules;
-5. new SYNs to the protected ports are queued -- without ``--queue-bypass``: with
-   no daemon bound the kernel drops them (fail closed) -- and anything else to a
-   protected port is dropped;
-6. excluded ports return (public services the admin accepts later);
-7. new SYNs to the knock range are queued.
+* :func:`apply` -- render both families, test both transactions, commit them (each
+  atomic; if the second fails the first is put back as the last record had it), read
+  back the kernel's normalised chains and write the applied record.  Used by
+  ``rules --install``, ``reload`` and the daemon's own reload.
+* :func:`reapply` -- put the last good record back (a config that does not validate
+  must never leave protected ports more open than the last good one).
+* :func:`check` -- what lets a protected port past nfknock or drifts from the
+  config, as :class:`Problem` values with a stable ``code``: two ``iptables -S``
+  calls, cheap enough for the daemon to run periodically.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import shutil
-import subprocess
-from collections.abc import Iterable, Sequence
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from nfknock.config import Config, IPAddress
-from nfknock.schemes import merge_ranges
+from nfknock import applied, xtables
+from nfknock.applied import DEFAULT_APPLIED, Applied, FamilyRecord, RecordError
+from nfknock.config import Config, ConfigError
+from nfknock.render import (
+    CHAIN,
+    OWNED_CHAINS,
+    knock_ranges,
+    render_aws_sg,
+    render_iptables,
+    render_nftables,
+)
+from nfknock.xtables import FAMILIES, Family, RulesError
 
-CHAIN = {"INPUT": "NFKNOCK-INPUT", "FORWARD": "NFKNOCK-FORWARD"}
-NFT_TABLE = "nfknock"
-SYN_ONLY = "--tcp-flags SYN,ACK,FIN,RST SYN"
+__all__ = [
+    "DEFAULT_APPLIED",
+    "Problem",
+    "RecordError",
+    "RecordNotWritten",
+    "RulesError",
+    "apply",
+    "check",
+    "knock_ranges",
+    "reapply",
+    "remove",
+    "render_aws_sg",
+    "render_iptables",
+    "render_nftables",
+]
 
 
-class RulesError(Exception):
-    """A firewall tool failed or is missing."""
+class RecordNotWritten(RulesError):
+    """The rules are installed, but their record could not be written."""
 
 
-def _chunks(ports: Iterable[int], size: int = 15) -> list[str]:
-    """multiport takes at most 15 ports per rule."""
-    items = sorted(ports)
-    return [",".join(map(str, items[i : i + size])) for i in range(0, len(items), size)]
+# How many rules above a misplaced jump a problem quotes.
+QUOTE_ABOVE = 3
 
 
 @dataclass(frozen=True)
-class _Target:
-    """Ports protected in one chain, optionally at one destination address."""
+class Problem:
+    """One finding of :func:`check`.  ``code`` is stable (snake_case, never reworded);
+    ``family`` is "iptables", "ip6tables" or "" (both); ``fix`` says what to do."""
 
-    hook: str  # INPUT | FORWARD
-    address: IPAddress | None
-    ports: frozenset[int]
+    code: str
+    family: str
+    detail: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.family}: {self.detail}" if self.family else self.detail
 
 
-def _targets(cfg: Config, family: int) -> list[_Target]:
-    local = frozenset(p.port for p in cfg.protect if p.address is None)
-    out = [_Target("INPUT", None, local)] if local else []
-    by_addr: dict[IPAddress, set[int]] = {}
-    for p in cfg.protect:
-        if p.address is not None and p.address.version == family:
-            by_addr.setdefault(p.address, set()).add(p.port)
-    out += [_Target("FORWARD", a, frozenset(ps)) for a, ps in sorted(by_addr.items(), key=str)]
+def _install_command(cfg_path: str | Path, applied_path: Path) -> str:
+    extra = "" if applied_path == DEFAULT_APPLIED else f" --applied {applied_path}"
+    return f"nfknock rules --install --config {cfg_path}{extra}"
+
+
+# --- installing ---------------------------------------------------------------------
+
+
+def _install(texts: dict[str, str], previous: Applied | None) -> dict[str, FamilyRecord]:
+    """Commit ``texts`` (tool name -> rendered text) family by family; return what
+    the kernel then holds.  Nothing is committed unless both transactions test
+    clean; a failure in the second family puts the first back as ``previous`` had it."""
+    planned = []
+    for fam in FAMILIES:
+        table = xtables.read_table(fam)
+        txn = xtables.transaction(texts[fam.tool], table)
+        try:
+            xtables.test_restore(fam, txn)
+        except RulesError as exc:
+            raise RulesError(f"{exc}; nothing was changed") from None
+        planned.append((fam, txn))
+    done: list[Family] = []
+    for fam, txn in planned:
+        try:
+            xtables.restore(fam, txn)
+        except RulesError as exc:
+            raise RulesError(f"{exc}{_roll_back(done, previous)}") from None
+        done.append(fam)
+    out = {}
+    for fam in FAMILIES:
+        out[fam.tool] = FamilyRecord(texts[fam.tool], xtables.owned(xtables.read_table(fam)))
     return out
 
 
-def knock_ranges(cfg: Config) -> list[tuple[int, int]]:
-    """Where knocks can land: the [knock] range and every enabled user's scheme's."""
-    ranges = [(cfg.knock.port_min, cfg.knock.port_max)]
-    for user in cfg.users:
-        if user.enabled and user.scheme is not None:
-            ranges += user.scheme.knock_ranges()
-    return merge_ranges(ranges)
+def _roll_back(done: list[Family], previous: Applied | None) -> str:
+    if not done:
+        return "; nothing was changed"
+    names = ", ".join(f.tool for f in done)
+    if previous is None:
+        return f"; {names} already carries the new rules (no earlier record to go back to)"
+    try:
+        for fam in done:
+            text = previous.families[fam.tool].rendered
+            xtables.restore(fam, xtables.transaction(text, xtables.read_table(fam)))
+    except RulesError as exc:
+        return f"; putting {names} back failed too: {exc}"
+    return f"; {names} put back to the rules installed at {previous.when()}"
 
 
-def render_iptables(cfg: Config, family: int) -> str:
-    """An ``iptables-restore --noflush`` file for IPv4 (4) or IPv6 (6)."""
-    targets = _targets(cfg, family)
-    hooks = sorted({t.hook for t in targets}, key=lambda h: h != "INPUT")
-    queue = f"NFQUEUE --queue-num {cfg.queue.number}"
-    mark = f"0x{cfg.queue.reject_mark:x}"
-    excluded = cfg.knock.exclude - cfg.protected_ports
-    ranges = [f"{lo}:{hi}" for lo, hi in knock_ranges(cfg)]
-    lines = ["# nfknock static rules (generated by `nfknock rules`; do not edit)", "*filter"]
-    lines += [f":{CHAIN[h]} - [0:0]" for h in hooks]
-    for hook in hooks:
-        c = CHAIN[hook]
-        rules: list[str] = []
-        if hook == "INPUT":
-            rules.append("-i lo -j RETURN")
-        hook_targets = [t for t in targets if t.hook == hook]
-        for t in hook_targets:
-            d = f"-d {t.address} " if t.address else ""
-            s = f"-s {t.address} " if t.address else ""
-            for ports in _chunks(t.ports):
-                rules.append(
-                    f"-p tcp {d}-m multiport --dports {ports} "
-                    "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
-                )
-                if t.address:  # replies from the host behind the gateway
-                    rules.append(
-                        f"-p tcp {s}-m multiport --sports {ports} "
-                        "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
-                    )
-        for allow in cfg.allow:
-            if allow.network.version != family:
-                continue
-            for t in hook_targets:
-                d = f"-d {t.address} " if t.address else ""
-                ports_allowed = (allow.ports & t.ports) if allow.ports else t.ports
-                for ports in _chunks(ports_allowed):
-                    rules.append(
-                        f"-p tcp -s {allow.network} {d}-m multiport --dports {ports} -j ACCEPT"
-                    )
-        rules.append(f"-p tcp -m mark --mark {mark} -j REJECT --reject-with tcp-reset")
-        for t in hook_targets:
-            d = f"-d {t.address} " if t.address else ""
-            for ports in _chunks(t.ports):
-                rules.append(
-                    f"-p tcp {d}-m multiport --dports {ports} {SYN_ONLY} "
-                    f"-m conntrack --ctstate NEW -j {queue}"
-                )
-                rules.append(f"-p tcp {d}-m multiport --dports {ports} -j DROP")
-        for t in hook_targets:
-            d = f"-d {t.address} " if t.address else ""
-            for ports in _chunks(excluded):
-                rules.append(f"-p tcp {d}-m multiport --dports {ports} -j RETURN")
-            for knock_range in ranges:
-                rules.append(
-                    f"-p tcp {d}--dport {knock_range} {SYN_ONLY} "
-                    f"-m conntrack --ctstate NEW -j {queue}"
-                )
-        lines += [f"-A {c} {r}" for r in rules]
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+def _previous(applied_path: Path) -> Applied | None:
+    try:
+        return applied.load(applied_path)
+    except RecordError:
+        return None
 
 
-def render_nftables(cfg: Config) -> str:
-    """An ``nft -f`` file: one table of nfknock's own, replaced atomically."""
-    mark = f"0x{cfg.queue.reject_mark:08x}"
-    queue = f"queue num {cfg.queue.number}"
-    syn = "tcp flags & (fin|syn|rst|ack) == syn"
-    excluded = sorted(cfg.knock.exclude - cfg.protected_ports)
-    spans = [f"{lo}-{hi}" for lo, hi in knock_ranges(cfg)]
-    knock_range = spans[0] if len(spans) == 1 else "{ " + ", ".join(spans) + " }"
-    out = [
-        "#!/usr/sbin/nft -f",
-        "# nfknock static rules (generated by `nfknock rules`; do not edit)",
-        f"table inet {NFT_TABLE}",
-        f"delete table inet {NFT_TABLE}",
-        f"table inet {NFT_TABLE} {{",
+def apply(cfg: Config, applied_path: Path = DEFAULT_APPLIED, now: float | None = None) -> list[str]:
+    """Install the rules ``cfg`` renders (both families) and record them as the last
+    good ruleset.  :class:`RulesError`: nothing new stays installed (see
+    :func:`_install`) and the record is unchanged.  Returns one line per family."""
+    texts = {fam.tool: render_iptables(cfg, fam.version) for fam in FAMILIES}
+    families = _install(texts, _previous(applied_path))
+    record = Applied(os.path.abspath(cfg.path), time.time() if now is None else now, families)
+    try:
+        applied.save(applied_path, record)
+    except OSError as exc:
+        raise RecordNotWritten(
+            f"the rules are installed, but the record {applied_path} could not be written "
+            f"({exc.strerror}): a bad config at the next boot would find no last good ruleset"
+        ) from None
+    return [
+        f"{tool}: installed {', '.join(fam.chains) or 'nothing (no target in this family)'}"
+        for tool, fam in families.items()
     ]
-    for hook in ("INPUT", "FORWARD"):
-        targets = _targets(cfg, 4) + [t for t in _targets(cfg, 6) if t.address is not None]
-        hook_targets = [t for t in targets if t.hook == hook]
-        if not hook_targets:
-            continue
-        out.append(f"\tchain {hook.lower()} {{")
-        out.append(f"\t\ttype filter hook {hook.lower()} priority filter - 10; policy accept;")
-        if hook == "INPUT":
-            out.append('\t\tiifname "lo" return')
-
-        def dst(t: _Target) -> str:
-            if t.address is None:
-                return ""
-            return f"{'ip' if t.address.version == 4 else 'ip6'} daddr {t.address} "
-
-        def src(t: _Target) -> str:
-            return dst(t).replace(" daddr ", " saddr ")
-
-        def pset(ports: Iterable[int]) -> str:
-            return "{ " + ", ".join(map(str, sorted(ports))) + " }"
-
-        for t in hook_targets:
-            out.append(f"\t\t{dst(t)}tcp dport {pset(t.ports)} ct state established,related accept")
-            if t.address is not None:
-                out.append(
-                    f"\t\t{src(t)}tcp sport {pset(t.ports)} ct state established,related accept"
-                )
-        for allow in cfg.allow:
-            fam = "ip" if allow.network.version == 4 else "ip6"
-            for t in hook_targets:
-                if t.address is not None and t.address.version != allow.network.version:
-                    continue
-                ports = (allow.ports & t.ports) if allow.ports else t.ports
-                if ports:
-                    out.append(
-                        f"\t\t{fam} saddr {allow.network} {dst(t)}tcp dport {pset(ports)} accept"
-                    )
-        out.append(f"\t\tmeta mark {mark} meta l4proto tcp reject with tcp reset")
-        for t in hook_targets:
-            out.append(f"\t\t{dst(t)}tcp dport {pset(t.ports)} {syn} ct state new {queue}")
-            out.append(f"\t\t{dst(t)}tcp dport {pset(t.ports)} drop")
-        for t in hook_targets:
-            if excluded:
-                out.append(f"\t\t{dst(t)}tcp dport {pset(excluded)} return")
-            out.append(f"\t\t{dst(t)}tcp dport {knock_range} {syn} ct state new {queue}")
-        out.append("\t}")
-    out.append("}")
-    return "\n".join(out) + "\n"
 
 
-def render_aws_sg(cfg: Config) -> str:
-    """Security-group ingress permissions (``aws ec2 authorize-security-group-ingress
-    --ip-permissions file://...``): the knock ranges and the protected ports must
-    *reach* the host; the host's own rules keep the protected ports closed."""
-    perms: list[dict[str, object]] = []
-
-    def perm(lo: int, hi: int, what: str) -> dict[str, object]:
-        return {
-            "IpProtocol": "tcp",
-            "FromPort": lo,
-            "ToPort": hi,
-            "IpRanges": [{"CidrIp": "0.0.0.0/0", "Description": what}],
-            "Ipv6Ranges": [{"CidrIpv6": "::/0", "Description": what}],
-        }
-
-    for lo, hi in knock_ranges(cfg):
-        perms.append(perm(lo, hi, "nfknock knock range (dropped by the host)"))
-    for port in sorted(cfg.protected_ports):
-        perms.append(perm(port, port, "nfknock protected port (opened by knocking)"))
-    return json.dumps(perms, indent=1) + "\n"
-
-
-# --- applying -----------------------------------------------------------------
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise RulesError(f"{name} not found (apt-get install iptables)")
-    return path
-
-
-def _run(argv: Sequence[str], stdin: str | None = None) -> str:
-    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RulesError(f"{' '.join(argv)} failed: {proc.stderr.strip() or proc.returncode}")
-    return proc.stdout
-
-
-def _jumps(iptables: str, hook: str) -> int:
-    out = _run([iptables, "-w", "-t", "filter", "-S", hook])
-    return sum(1 for line in out.splitlines() if re.search(rf"-j {CHAIN[hook]}(\s|$)", line))
-
-
-def _chain_exists(iptables: str, chain: str) -> bool:
-    proc = subprocess.run(
-        [iptables, "-w", "-t", "filter", "-S", chain], capture_output=True, check=False
-    )
-    return proc.returncode == 0
-
-
-FAMILIES = ((4, "iptables", "iptables-restore"), (6, "ip6tables", "ip6tables-restore"))
-
-
-def install(cfg: Config) -> list[str]:
-    """Install or replace nfknock's chains and their jumps (idempotent, atomic per
-    family).  Returns what was done, one line per family."""
-    done = []
-    for family, ipt_name, restore_name in FAMILIES:
-        ipt, restore = _tool(ipt_name), _tool(restore_name)
-        text = render_iptables(cfg, family)
-        hooks = [h for h in CHAIN if f":{CHAIN[h]} " in text]
-        stale = [h for h in CHAIN if h not in hooks and _chain_exists(ipt, CHAIN[h])]
-        body = text.rstrip("\n").removesuffix("COMMIT").rstrip("\n").split("\n")
-        extra = [f"-I {h} 1 -j {CHAIN[h]}" for h in hooks if _jumps(ipt, h) == 0]
-        for h in stale:  # a hook no longer used since the last install
-            extra += [f"-D {h} -j {CHAIN[h]}"] * _jumps(ipt, h) + [
-                f"-F {CHAIN[h]}",
-                f"-X {CHAIN[h]}",
-            ]
-        _run([restore, "-w", "--noflush"], "\n".join([*body, *extra, "COMMIT"]) + "\n")
-        done.append(f"{ipt_name}: installed {', '.join(CHAIN[h] for h in hooks) or 'nothing'}")
-    return done
-
-
-def verify(cfg: Config) -> list[str]:
-    """Problems with the installed rules (empty: every chain, rule and jump is in
-    place).  Rules are compared by count: iptables normalises their text."""
-    problems = []
-    for family, ipt_name, _restore in FAMILIES:
-        ipt = _tool(ipt_name)
-        text = render_iptables(cfg, family)
-        for hook, chain in CHAIN.items():
-            want = sum(1 for ln in text.splitlines() if ln.startswith(f"-A {chain} "))
-            if not want:
-                continue
-            if not _chain_exists(ipt, chain):
-                problems.append(f"{ipt_name}: chain {chain} is missing")
-                continue
-            jumps = _jumps(ipt, hook)
-            if jumps != 1:
-                problems.append(f"{ipt_name}: {hook} jumps to {chain} {jumps} times (want 1)")
-            listed = _run([ipt, "-w", "-t", "filter", "-S", chain]).splitlines()
-            have = sum(1 for ln in listed if ln.startswith(f"-A {chain} "))
-            if have != want:
-                problems.append(f"{ipt_name}: {chain} has {have} rules, the config renders {want}")
-    return problems
+def reapply(applied_path: Path = DEFAULT_APPLIED) -> Applied | None:
+    """Put the last good ruleset back; None when there is no record.  The record
+    itself is left as it is (it still names the config and time it came from)."""
+    record = applied.load(applied_path)
+    if record is None:
+        return None
+    _install({t: f.rendered for t, f in record.families.items()}, record)
+    return record
 
 
 def remove() -> list[str]:
     """Remove nfknock's jumps and chains; nothing else."""
     done = []
-    for _family, ipt_name, restore_name in FAMILIES:
-        ipt, restore = _tool(ipt_name), _tool(restore_name)
-        ops: list[str] = []
-        for hook, chain in CHAIN.items():
-            if not _chain_exists(ipt, chain):
-                continue
-            ops += [f"-D {hook} -j {chain}"] * _jumps(ipt, hook)
-            ops += [f"-F {chain}", f"-X {chain}"]
-        if ops:
-            _run([restore, "-w", "--noflush"], "\n".join(["*filter", *ops, "COMMIT"]) + "\n")
-            done.append(f"{ipt_name}: removed nfknock chains")
-        else:
-            done.append(f"{ipt_name}: nothing to remove")
+    for fam in FAMILIES:
+        txn = xtables.removal(xtables.read_table(fam))
+        if txn is None:
+            done.append(f"{fam.tool}: nothing to remove")
+            continue
+        xtables.restore(fam, txn)
+        done.append(f"{fam.tool}: removed nfknock chains")
     return done
+
+
+# --- checking -----------------------------------------------------------------------
+
+
+def check(cfg: Config, applied_path: Path = DEFAULT_APPLIED) -> list[Problem]:
+    """Everything that lets a protected port past nfknock, or differs from what the
+    config renders, in both families (empty: all in place).  Never raises for a
+    firewall or record problem: those are problems too."""
+    install = _install_command(cfg.path, applied_path)
+    problems: list[Problem] = []
+    record: Applied | None = None
+    try:
+        record = applied.load(applied_path)
+        if record is None:
+            problems.append(
+                Problem(
+                    "applied_record_missing",
+                    "",
+                    f"no record of an install at {applied_path}: nfknock's chains cannot be "
+                    "compared rule by rule",
+                    f"run `{install}`",
+                )
+            )
+    except RecordError as exc:
+        problems.append(
+            Problem("applied_record_invalid", "", str(exc), f"move it aside and run `{install}`")
+        )
+    for fam in FAMILIES:
+        try:
+            rendered = render_iptables(cfg, fam.version)
+        except ConfigError as exc:  # valid for the daemon, not expressible in iptables
+            problems.append(Problem("config_unrenderable", fam.tool, str(exc), "fix the config"))
+            continue
+        try:
+            table = xtables.read_table(fam)
+        except RulesError as exc:
+            problems.append(Problem("firewall_unreadable", fam.tool, str(exc), "check iptables"))
+            continue
+        rec = record.families.get(fam.tool) if record else None
+        want = rec.chains if rec else {c: [] for c in OWNED_CHAINS if f":{c} " in rendered}
+        problems += _check_jumps(fam.tool, table, want, install)
+        problems += _check_chains(fam.tool, table, want, rec is not None, install)
+        if record and rec and rec.rendered != rendered:
+            problems.append(
+                Problem(
+                    "config_drift",
+                    fam.tool,
+                    f"the rules installed at {record.when()} from {record.config} differ from "
+                    f"what {cfg.path} renders now",
+                    f"run `nfknock reload --config {cfg.path}` (or `{install}`)",
+                )
+            )
+    return problems
+
+
+def _quote(chain: str, index: int, spec: str) -> str:
+    return f"{chain} rule {index + 1} `{spec}`"
+
+
+def _check_jumps(
+    tool: str, table: xtables.Table, want: dict[str, list[str]], install: str
+) -> list[Problem]:
+    """Each hook's chain must be entered by exactly one rule: ``-j CHAIN``, the first
+    rule of the hook; nothing else may jump into nfknock's chains."""
+    out = []
+    refs = table.references()
+    accepted: set[tuple[str, int]] = set()
+    for hook, chain in CHAIN.items():
+        if chain not in want:
+            continue
+        rules = table.chains.get(hook, [])
+        first = next((i for i, spec in enumerate(rules) if spec == f"-j {chain}"), None)
+        if first is None:
+            partial = [r for r in refs if r[0] == hook and xtables.jump_target(r[2]) == chain]
+            code, detail = "jump_missing", f"{hook} does not jump to {chain}: {hook} is unguarded"
+            if partial:
+                code = "jump_conditional"
+                detail = (
+                    f"{hook} jumps to {chain} only under conditions "
+                    f"({_quote(*partial[0])}): other packets pass nfknock"
+                )
+            out.append(Problem(code, tool, detail, f"run `{install}`"))
+            accepted.update((r[0], r[1]) for r in partial)
+            continue
+        accepted.add((hook, first))
+        if first > 0:
+            above = "; ".join(_quote(hook, i, rules[i]) for i in range(min(first, QUOTE_ABOVE)))
+            more = f" and {first - QUOTE_ABOVE} more" if first > QUOTE_ABOVE else ""
+            out.append(
+                Problem(
+                    "jump_not_first",
+                    tool,
+                    f"the jump to {chain} is {hook} rule {first + 1}, not 1: {above}{more} "
+                    "decide(s) before nfknock and may let a protected port through",
+                    f"run `{install}` (puts the jump back at rule 1); have the tool that "
+                    "inserted them add its rules below nfknock's jump, or use [[allow]]",
+                )
+            )
+    extra = [r for r in refs if (r[0], r[1]) not in accepted]
+    if extra:
+        quoted = "; ".join(f"{_quote(*r)}" for r in extra[:QUOTE_ABOVE])
+        more = f" and {len(extra) - QUOTE_ABOVE} more" if len(extra) > QUOTE_ABOVE else ""
+        out.append(
+            Problem(
+                "jump_extra",
+                tool,
+                f"{len(extra)} more jump(s) into nfknock's chains: {quoted}{more}",
+                f"run `{install}` (keeps only the jump at rule 1 of each hook)",
+            )
+        )
+    return out
+
+
+def _check_chains(
+    tool: str, table: xtables.Table, want: dict[str, list[str]], exact: bool, install: str
+) -> list[Problem]:
+    out = []
+    for chain in OWNED_CHAINS:
+        have = table.chains.get(chain)
+        if chain not in want:
+            if have is not None:
+                out.append(
+                    Problem(
+                        "chain_stale",
+                        tool,
+                        f"chain {chain} exists but the installed ruleset has none",
+                        f"run `{install}`",
+                    )
+                )
+            continue
+        if have is None:
+            out.append(
+                Problem(
+                    "chain_missing",
+                    tool,
+                    f"chain {chain} is missing: its ports are not guarded",
+                    f"run `{install}`",
+                )
+            )
+        elif exact and have != want[chain]:
+            out.append(
+                Problem(
+                    "chain_changed",
+                    tool,
+                    f"{chain} differs from what nfknock installed: "
+                    + _first_difference(have, want[chain]),
+                    f"run `{install}` (rewrites nfknock's chains; put local changes in the "
+                    "config, e.g. [[allow]] or [knock] exclude)",
+                )
+            )
+    return out
+
+
+def _first_difference(have: list[str], want: list[str]) -> str:
+    for i, (h, w) in enumerate(zip(have, want, strict=False)):
+        if h != w:
+            return f"rule {i + 1} is `{h}`, installed `{w}`"
+    counts = f"({len(have)} rules, installed {len(want)})"
+    if len(have) > len(want):
+        return f"rule {len(want) + 1} `{have[len(want)]}` was added {counts}"
+    return f"rule {len(have) + 1} `{want[len(have)]}` is gone {counts}"

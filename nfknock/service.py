@@ -150,11 +150,12 @@ class Service:
             self.settle()
         return verdict
 
-    def decide_packet(self, payload: bytes) -> Verdict:
+    def decide_packet(self, payload: bytes, defer: bool = False) -> Verdict:
         """The verdict for one packet of the priority queue (or of a single queue):
         protected-port SYNs, SPA packets (UDP, or a TCP SYN with data to an SPA port)
-        and knocks.  Its events wait for :meth:`settle`.  Never raises: anything
-        unexpected is DROP plus an event (fail closed)."""
+        and knocks.  ``defer``: HOLD a protected SYN that finds no grant yet (see
+        ``Core.decide_protected``).  Its events wait for :meth:`settle`.  Never
+        raises: anything unexpected is DROP plus an event (fail closed)."""
         try:
             mono = self.now = self.mono()
             try:
@@ -165,7 +166,7 @@ class Service:
                 return self._spa(payload, mono)
             if port in self.core.spa_ports:
                 return self._spa(payload, mono)
-            decision = self.core.decide_key(key, port, mono + self.wall_offset, mono)
+            decision = self.core.decide_key(key, port, mono + self.wall_offset, mono, defer)
             if decision.events:
                 self.pending += decision.events
             self.verdicts[decision.verdict] += 1

@@ -63,8 +63,10 @@ class InstantCore(Core):
 
     auto_resolve = True
 
-    def decide_key(self, key: bytes, port: int, wall: float, mono: float) -> Decision:
-        decision = super().decide_key(key, port, wall, mono)
+    def decide_key(
+        self, key: bytes, port: int, wall: float, mono: float, defer: bool = False
+    ) -> Decision:
+        decision = super().decide_key(key, port, wall, mono, defer)
         if self.auto_resolve and self.gate.outbox:
             events = list(decision.events)
             for request in self.take_claims():

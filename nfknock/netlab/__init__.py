@@ -201,8 +201,13 @@ class Lab:
     ) -> subprocess.CompletedProcess[str]:
         return self.sh(ns or self.daemon_ns, PY, "-m", "nfknock.cli", *args, check=check)
 
+    @property
+    def applied(self) -> Path:
+        """The lab's record of the last good rules install (never the host's)."""
+        return self.workdir / "rules.applied"
+
     def install_rules(self, config: Path) -> None:
-        self.nfknock("rules", "--install", "--config", str(config))
+        self.nfknock("rules", "--install", "--config", str(config), "--applied", str(self.applied))
 
     def start_daemon(
         self, config: Path, wait: float = 15, cpu: str | None = None

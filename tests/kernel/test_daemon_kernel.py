@@ -312,9 +312,10 @@ def test_rules_install_and_remove_leave_foreign_rules_identical(lab: Lab) -> Non
     assert during.count("-A INPUT -j NFKNOCK-INPUT") == 1
     assert "-A INPUT -p tcp -m tcp --dport 80 -j ACCEPT" in during
     assert ":FORWARD DROP" in during
-    assert lab.nfknock("rules", "--verify", "--config", str(cfg)).returncode == 0
+    record = ("--applied", str(lab.applied))
+    assert lab.nfknock("rules", "--verify", "--config", str(cfg), *record).returncode == 0
     lab.nfknock("rules", "--remove", "--config", str(cfg))
-    gone = lab.nfknock("rules", "--verify", "--config", str(cfg), check=False)
+    gone = lab.nfknock("rules", "--verify", "--config", str(cfg), *record, check=False)
     assert gone.returncode == 1 and "chain NFKNOCK-INPUT is missing" in gone.stderr
     assert _saved(lab, "iptables-save") == before4
     assert _saved(lab, "ip6tables-save") == before6
