@@ -132,6 +132,20 @@ def register(sub: Any) -> None:
 
     p = add("run", cmd_run, "run the verdict daemon on the NFQUEUE")
     p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
+    p.add_argument(
+        "--applied",
+        default=str(DEFAULT_APPLIED),
+        metavar="PATH",
+        help="the record of the last good rules install: checked every 30 s, "
+        f"rewritten when a reload re-applies the rules (default: {DEFAULT_APPLIED})",
+    )
+    p.add_argument(
+        "--rules-check-seconds",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="how often the daemon checks that its rules are in place (default: 30)",
+    )
 
     p = add("status", cmd_status, "live grants, counters and verdict counts of the daemon")
     p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
@@ -408,7 +422,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nfknock.daemon import Daemon
 
     try:
-        return Daemon(cfg).run()
+        if not 0.5 <= args.rules_check_seconds <= 86400:
+            return _fail("--rules-check-seconds must be between 0.5 and 86400")
+        return Daemon(cfg, Path(args.applied), args.rules_check_seconds).run()
     except StateError as exc:
         print(
             f"nfknock run: error: {exc} (move it aside to start without it; "

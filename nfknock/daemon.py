@@ -21,7 +21,11 @@ too long, or finds no room, is dropped (fail closed).
 
 Other threads never touch the verdict core: the store thread records claims, the
 control threads read and write the control socket, a reload thread reads the new
-configuration and builds the new engine; each hands its result to this loop.
+configuration, re-applies the rules it renders (refusing the reload if iptables
+refuses them) and builds the new tables, and a rules thread checks every 30 s that
+nfknock's rules are in place and first in line (``rules.check``: missing, moved or
+changed rules are logged as errors and shown by ``status``); each hands its result
+to this loop.
 """
 
 from __future__ import annotations
@@ -35,10 +39,13 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
 
+from nfknock import rules
+from nfknock.applied import DEFAULT_APPLIED
 from nfknock.config import Config, ConfigError
 from nfknock.control import ControlError, ControlServer, Mailbox
 from nfknock.events import Verdict
@@ -57,6 +64,7 @@ PRIORITY_COPY_RANGE = 4096
 KNOCK_SLICE = 256
 HOLD_SECONDS = 2.0  # a held SYN is dropped if its claim takes longer
 MAX_HELD = 256
+RULES_CHECK_SECONDS = 30.0
 
 log = structlog.get_logger("nfknock")
 
@@ -117,9 +125,53 @@ class _Held:
     since: float
 
 
+class RulesWatch:
+    """``rules.check`` in a thread of its own: at start, every ``interval`` seconds
+    and on request.  The latest result is one attribute, replaced at once."""
+
+    def __init__(self, cfg: Config, applied: Path, interval: float = RULES_CHECK_SECONDS) -> None:
+        self.cfg = cfg
+        self.applied = applied
+        self.interval = interval
+        self.result: tuple[float, list[rules.Problem]] | None = None
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="nfknock-rules", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def recheck(self, cfg: Config | None = None) -> None:
+        if cfg is not None:
+            self.cfg = cfg
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                problems = rules.check(self.cfg, self.applied)
+            except Exception as exc:  # check() never raises by contract; be sure
+                problems = [rules.Problem("check_failed", "", f"{type(exc).__name__}: {exc}", "")]
+            self.result = (time.time(), problems)
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        applied: Path = DEFAULT_APPLIED,
+        rules_every: float = RULES_CHECK_SECONDS,
+    ) -> None:
         self.service = Service(cfg, EventLogger())
+        self.applied = applied
+        self.rules = RulesWatch(cfg, applied, rules_every)
+        self._rules_seen: tuple[str, ...] | None = None
         self.mark = cfg.queue.reject_mark
         self._stop = False
         self._reload_requested = False
@@ -200,6 +252,7 @@ class Daemon:
                 self._start_reload()
             self._check_reload()
             self.service.tick()
+            self._report_rules()
             if self._held:
                 self._redecide_held(expire_only=True)
             if self._watchdog and now >= self._next_watchdog:
@@ -207,6 +260,36 @@ class Daemon:
                 self._next_watchdog = now + self._watchdog
         except Exception as exc:
             log.error("housekeeping_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _report_rules(self) -> None:
+        """Log the rules thread's findings when they change (errors: every protected
+        port may be open, or bypassed, while they last)."""
+        result = self.rules.result
+        if result is None:
+            return
+        _, problems = result
+        seen = tuple(sorted(f"{p.code}:{p.family}:{p.detail}" for p in problems))
+        if seen == self._rules_seen:
+            return
+        self._rules_seen = seen
+        for p in problems:
+            log.error("rules_problem", code=p.code, family=p.family, error=p.detail, fix=p.fix)
+        if not problems:
+            log.info("rules_ok", detail="nfknock's rules are installed, complete and first")
+
+    def rules_status(self) -> dict[str, Any]:
+        result = self.rules.result
+        if result is None:
+            return {"ok": None, "checked": None, "problems": []}
+        when, problems = result
+        return {
+            "ok": not problems,
+            "checked": round(when, 3),
+            "problems": [
+                {"code": p.code, "family": p.family, "detail": p.detail, "fix": p.fix}
+                for p in problems
+            ],
+        }
 
     # --- reload: read and build in a thread, swap here ------------------------------
 
@@ -216,7 +299,11 @@ class Daemon:
 
         def work() -> None:
             try:
-                result.append(self.service.prepare_reload(snapshot))
+                prepared = self.service.prepare_reload(snapshot)
+                # The new configuration's rules, atomically per family; refused ->
+                # the old rules and the old configuration stay.
+                rules.apply(prepared.cfg, self.applied)
+                result.append(prepared)
             except Exception as exc:
                 result.append(exc)
 
@@ -232,12 +319,14 @@ class Daemon:
         outcome = result[0] if result else RuntimeError("the reload thread ended without a result")
         if isinstance(outcome, PreparedReload):
             how = self.service.finish_reload(outcome)
-            log.info("reloaded", detail=how, users=len(self.service.cfg.users))
+            self.rules.recheck(self.service.cfg)
+            log.info("reloaded", detail=how, users=len(self.service.cfg.all_users))
             for warning in self.service.cfg.warnings:
                 log.warning("config_warning", detail=warning)
             reply: dict[str, Any] = {"ok": True, "detail": how}
         else:
-            error = str(outcome) if isinstance(outcome, ConfigError) else repr(outcome)
+            known = isinstance(outcome, ConfigError | rules.RulesError)
+            error = str(outcome) if known else repr(outcome)
             log.error("reload_failed", error=error, reason="keeping the running configuration")
             reply = {"ok": False, "error": error}
         for fut in self._reload_waiters:
@@ -259,6 +348,7 @@ class Daemon:
             status = self.service.status(stats)
             status["held_packets"] = len(self._held)
             status["reloading"] = self._reloading is not None
+            status["rules"] = self.rules_status()
             fut.set_result({"ok": True, "status": status})
         elif command == "reload":
             self._reload_waiters.append(fut)
@@ -308,9 +398,11 @@ class Daemon:
             except (ControlError, OSError) as exc:
                 log.error("control_socket_failed", error=str(exc))
                 return 1
+            self.rules.start()
             return self._loop(cfg, restored, priority, knock)
         finally:
             notify("STOPPING=1")
+            self.rules.stop()
             for q in queues:
                 q.unbind()
             for k in knock:

@@ -210,12 +210,17 @@ class Lab:
         self.nfknock("rules", "--install", "--config", str(config), "--applied", str(self.applied))
 
     def start_daemon(
-        self, config: Path, wait: float = 15, cpu: str | None = None
+        self,
+        config: Path,
+        wait: float = 15,
+        cpu: str | None = None,
+        extra: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
         """Start ``nfknock run`` (pinned to ``cpu`` if given) and wait for "started"."""
         start = self.daemon_log.stat().st_size if self.daemon_log.exists() else 0
         pin = ["taskset", "-c", cpu] if cpu is not None else []
         argv = [*pin, PY, "-m", "nfknock.cli", "run", "--config", str(config)]
+        argv += ["--applied", str(self.applied), *extra]
         proc = self.spawn(self.daemon_ns, *argv, log=self.daemon_log)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:

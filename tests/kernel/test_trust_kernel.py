@@ -134,3 +134,65 @@ def test_state_on_a_read_only_filesystem_opens_nothing_and_status_says_why(lab: 
         lab.stop_daemon(signal.SIGKILL)
         for _ in range(2):
             subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+
+
+def _status(lab: Lab, cfg: Path) -> dict[str, object]:
+    out: dict[str, object] = json.loads(
+        lab.nfknock("status", "--config", str(cfg), "--json").stdout
+    )
+    return out
+
+
+def _wait_rules(lab: Lab, cfg: Path, ok: bool, seconds: float = 10.0) -> dict[str, object]:
+    deadline = time.monotonic() + seconds
+    while True:
+        rules = _status(lab, cfg)["rules"]
+        assert isinstance(rules, dict)
+        if rules["ok"] is ok or time.monotonic() > deadline:
+            return rules
+        time.sleep(0.2)
+
+
+def test_a_daemon_without_its_rules_says_so_in_the_log_and_in_status(lab: Lab) -> None:
+    lab.start_service()
+    cfg = lab.write_config({"alice": SECRET})
+    lab.install_rules(cfg)
+    lab.nfknock("rules", "--remove", "--config", str(cfg))
+    lab.start_daemon(cfg, extra=("--rules-check-seconds", "1"))
+    rules = _wait_rules(lab, cfg, ok=False)
+    assert rules["ok"] is False
+    assert {p["code"] for p in rules["problems"]} >= {"jump_missing"}  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 5
+    while not events(lab, "rules_problem") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert events(lab, "rules_problem")
+
+
+def test_a_rule_inserted_above_nfknocks_jump_is_noticed_while_running(lab: Lab) -> None:
+    lab.start_service()
+    cfg = lab.write_config({"alice": SECRET})
+    lab.install_rules(cfg)
+    lab.start_daemon(cfg, extra=("--rules-check-seconds", "1"))
+    assert _wait_rules(lab, cfg, ok=True)["ok"] is True
+    lab.sh(lab.server, "iptables", "-I", "INPUT", "1", "-p", "tcp", "--dport", "22", "-j", "ACCEPT")
+    rules = _wait_rules(lab, cfg, ok=False)
+    codes = {p["code"] for p in rules["problems"]}  # type: ignore[attr-defined]
+    assert "jump_not_first" in codes
+    lab.install_rules(cfg)  # puts nfknock's jump back on top
+    assert _wait_rules(lab, cfg, ok=True)["ok"] is True
+
+
+def test_sighup_reload_re_applies_the_rules_of_the_new_config(lab: Lab) -> None:
+    cfg = setup(lab)
+    lab.start_service(port=443)
+    assert lab.probe(SERVER4, port=443)["result"] == "open"  # not protected yet
+    cfg.write_text(cfg.read_text() + "\n[[protect]]\nport = 443\n")
+    assert lab.daemon is not None
+    lab.daemon.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not events(lab, "reloaded") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert events(lab, "reloaded")
+    assert lab.probe(SERVER4, port=443)["result"] == "timeout"  # now guarded
+    lab.send_knocks(SERVER4, current())
+    assert lab.probe(SERVER4, port=443)["result"] == "open"
