@@ -282,6 +282,7 @@ def test_eight_concurrent_ssh_proxycommands_of_one_profile_all_get_in_at_once(
             out, err = proc.communicate(timeout=10)
         results.append((proc.returncode, out.strip(), err))
     elapsed = time.monotonic() - start
+    print(f"eight concurrent ssh sessions: {elapsed:.2f}s")
     assert [r[:2] for r in results] == [(0, f"session-{i}") for i in range(8)], results
     assert elapsed < 10, f"eight sessions took {elapsed:.1f}s"
     counters = completed_counters(lab)
@@ -343,6 +344,7 @@ def test_pipe_whose_knock_was_lost_gets_in_at_once_by_resending(
     ports = json.loads(seq.stdout)["ports"]
     drop_one_knock_once(lab, ports[7])
     proc, elapsed = pipe_through(lab, client_env, SERVER4, "--secret-file", str(secret_file))
+    print(f"lost knock, then in: {elapsed:.2f}s")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"nfknock-ok\nhello\n"
     assert elapsed < 10, f"took {elapsed:.1f}s (the step is 30s)"
@@ -362,9 +364,31 @@ def test_pipe_after_a_plain_knock_that_never_arrived_gets_in_at_once(
     assert code == 0
     assert lab.probe(SERVER4)["result"] == "timeout"  # the door did not open
     proc, elapsed = pipe_through(lab, client_env, SERVER4, "--secret-file", str(secret_file))
+    print(f"plain knock lost, then --pipe in: {elapsed:.2f}s")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"nfknock-ok\nhello\n"
+    # Today's server: counter 1 times out twice (2 x --timeout 3s), then the
+    # unconfirmed 0 opens; with the server's window, 1 opens at once.
     assert elapsed < 12, f"took {elapsed:.1f}s (the step is 30s)"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the server's counter window ([knock] lookahead, the lead's change): "
+    "today's server opens only for the next counter, and a plain knock gets no confirmation",
+)
+def test_plain_knock_after_a_lost_plain_knock_opens_with_the_counter_window(
+    lab: Lab, secret_file: Path, client_env: dict[str, str]
+) -> None:
+    """15 B.16 for plain knock: counter 0 lost, the next plain knock takes counter 1."""
+    setup(lab)
+    away_from_boundary(margin=4)
+    seq = lab.client_cmd("sequence", "--secret-file", str(secret_file), "--json", env=client_env)
+    drop_one_knock_once(lab, json.loads(seq.stdout)["ports"][3])
+    assert knock(lab, client_env, SERVER4, "--secret-file", str(secret_file))[1]["counter"] == 0
+    code, out = knock(lab, client_env, SERVER4, "--secret-file", str(secret_file))
+    assert (code, out["counter"]) == (0, 1)
+    assert lab.probe(SERVER4)["result"] == "open"
 
 
 @pytest.mark.parametrize("stdin", ["/dev/null", "regular-file"])
