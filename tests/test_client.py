@@ -301,7 +301,7 @@ def test_the_state_file_of_the_previous_version_is_read_as_sent(secret: Path) ->
     assert data["profiles"]["127.0.0.1"] == {"step": 1_000_000, "sent": [4, 5], "used": []}
 
 
-@pytest.mark.parametrize("how", ["a file", "relative", "no home"])
+@pytest.mark.parametrize("how", ["a file", "relative", "no home", "state is a directory"])
 def test_an_unusable_state_directory_exits_2_before_knocking(
     secret: Path,
     tmp_path: Path,
@@ -313,6 +313,9 @@ def test_an_unusable_state_directory_exits_2_before_knocking(
         (tmp_path / "f").write_text("")
         monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "f"))
         expected = "cannot create the state directory"
+    elif how == "state is a directory":
+        cli.state_path().mkdir(parents=True)
+        expected = "cannot read the client state"
     elif how == "relative":
         monkeypatch.setenv("XDG_STATE_HOME", "relative/dir")
         expected = "must be an absolute path"

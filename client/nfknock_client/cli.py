@@ -390,6 +390,7 @@ def _exec(cmd: str) -> int:
 
 def cmd_knock(args: argparse.Namespace, io: KnockIO | None = None) -> int:
     io = io or KnockIO()
+    io.tries = []
     if args.pipe and (problem := pipe_problem()):
         raise ClientError(
             f"--pipe relays stdin/stdout for ssh's ProxyCommand, but {problem}: nothing "

@@ -1,8 +1,10 @@
-"""Sending knocks and checking the door.  Standard library only.
+"""Sending knocks, checking the door, relaying ``--pipe``.  Standard library only.
 
 Knocks are ordinary non-blocking ``connect()`` calls closed right after the SYN
 left (no root, no kernel retransmission), or with ``raw=True`` single SYNs
-hand-built on a raw socket (root).
+hand-built on a raw socket (root).  :func:`probe` connects to the protected port
+(open / reset = behind / timeout); :func:`pipe_problem` says, before anything is
+knocked, why stdin/stdout cannot carry :func:`relay`.
 """
 
 from __future__ import annotations
