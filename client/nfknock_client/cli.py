@@ -1,207 +1,122 @@
-"""``nfknock-client``: knock, check the door, resync the counter, pipe, exec.
+"""``nfknock-client``: knock, check the door, pipe, exec.
+
+Which counter each knock uses is :mod:`nfknock_client.counters` (its docstring is
+the algorithm); the state file and the per-profile lock are
+:mod:`nfknock_client.state`.  An invocation holds its profile's lock from choosing a
+counter until the outcome is known -- ``--check``/``--pipe``: the probe connected,
+was reset, or every immediate retry timed out; plain ``knock``/``--exec``: the last
+knock left -- and lets it go while it waits for the next step.  The relay of
+``--pipe`` and the command of ``--exec`` run without it.
 
 Exit codes (stable, for scripts):
   0  opened (or, without --check, knocks sent)
-  1  the door did not open (timeout in two steps: wrong secret, realm, clock, firewall)
-  2  usage, profile, secret or host error
+  1  the door did not open (no answer in two steps: wrong secret, realm, clock,
+     firewall), the connection failed, or another invocation held the lock too long
+  2  usage, profile, secret, host, state-file or stdin/stdout error
   3  resync exhausted (the server kept answering "behind")
+``--exec`` returns the command's own status.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import stat
+import math
+import socket
 import subprocess
 import sys
 import time
-import tomllib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nfknock.schemes import SCHEME_NAMES, V1, Scheme, make_scheme, step_for
+from nfknock.schemes import SCHEME_NAMES, make_scheme
 from nfknock.sequence import (
     MIN_SECRET_BYTES,
     SchemeError,
-    SecretError,
-    parse_base32,
     parse_port_list,
     parse_port_range,
 )
+from nfknock_client.counters import (
+    MAX_HOTP_COUNTER,
+    MAX_STEP_COUNTER,
+    Action,
+    Done,
+    Knock,
+    Outcome,
+    Planner,
+    Wait,
+)
 from nfknock_client.knock import (
     DoorState,
+    pipe_problem,
     probe,
     relay,
     resolve,
     send_connect_knocks,
     send_raw_knocks,
 )
+from nfknock_client.profile import (
+    ClientError,
+    Target,
+    check_port,
+    config_path,
+    load_profile,
+    read_secret_file,
+    xdg_dir,
+)
+from nfknock_client.state import LockTimeout, StateError, StateStore
+
+__all__ = ["ClientError", "Target", "config_path", "load_profile", "main", "state_path"]
 
 EXIT_OPENED = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_RESYNC = 3
-MAX_RESYNC = 8
+DEFAULT_LOCK_WAIT = 60.0
+
+CHECK_SPENT = (
+    "the check itself used one connection of the grant: with the server's default "
+    "max_connections = 1 that was the only one, and a new connection will time out. "
+    "To connect, knock again without --check and connect within the open time, or "
+    "use --pipe (ssh -o ProxyCommand='nfknock-client knock --pipe ...'), where the "
+    "checked connection is the session"
+)
 
 
-class ClientError(Exception):
-    """Bad input: exit 2."""
-
-
-@dataclass
-class Target:
-    name: str  # profile name, or host for ad-hoc use (key of the counter state)
-    host: str
-    port: int
-    secret: bytes = field(repr=False)
-    scheme_name: str = "v1"
-    # Scheme options (port_min, port_max, length, step_seconds, realm, exclude);
-    # absent ones take the scheme's defaults.
-    options: dict[str, Any] = field(default_factory=dict)
-    initial_counter: int = 0
-    scheme: Scheme = field(default_factory=V1)
-
-
-def _xdg(var: str, default: str) -> Path:
-    return Path(os.environ.get(var) or Path.home() / default)
-
-
-def config_path() -> Path:
-    return _xdg("XDG_CONFIG_HOME", ".config") / "nfknock" / "client.toml"
+def state_dir() -> Path:
+    return xdg_dir("XDG_STATE_HOME", ".local/state") / "nfknock"
 
 
 def state_path() -> Path:
-    return _xdg("XDG_STATE_HOME", ".local/state") / "nfknock" / "client-state.json"
+    return state_dir() / "client-state.json"
 
 
-def _private(path: Path, what: str) -> None:
+# --- the command line -------------------------------------------------------------
+
+
+def _number(lo: float, hi: float, what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"{what} must be between {lo:g} and {hi:g}")
+        return value
+
+    return parse
+
+
+def _counter_arg(text: str) -> int:
     try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise ClientError(f"{what} {path} not found") from None
-    except PermissionError:
-        raise ClientError(f"{what} {path}: permission denied") from None
-    if stat.S_IMODE(mode) & 0o077:
-        raise ClientError(
-            f"{what} {path} has mode {stat.S_IMODE(mode):04o}; it holds a secret and must "
-            f"not be accessible by group or others (chmod 600 {path})"
-        )
-
-
-def read_secret_file(path: Path, min_bytes: int = MIN_SECRET_BYTES) -> bytes:
-    _private(path, "secret file")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ClientError(f"secret file {path}: {exc}") from None
-    try:
-        return parse_base32(text, min_bytes=min_bytes)
-    except SecretError as exc:
-        raise ClientError(f"secret file {path}: {exc}") from None
-
-
-PROFILE_KEYS = {
-    "host",
-    "port",
-    "scheme",
-    "secret",
-    "secret_file",
-    "secret_utf8",
-    "realm",
-    "port_min",
-    "port_max",
-    "length",
-    "step_seconds",
-    "exclude",
-    "counter",
-}
-
-
-def load_profile(name: str, path: Path | None = None) -> Target:
-    path = path or config_path()
-    _private(path, "client config")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ClientError(f"client config {path}: {exc}") from None
-    profiles = data.get("profiles", {})
-    if name not in profiles or not isinstance(profiles[name], dict):
-        known = ", ".join(sorted(profiles)) or "none"
-        raise ClientError(f"{path}: no profile {name!r} (profiles: {known})")
-    p: dict[str, Any] = profiles[name]
-    where = f"{path}: profiles.{name}"
-    unknown = set(p) - PROFILE_KEYS
-    if unknown:
-        raise ClientError(f"{where}.{sorted(unknown)[0]}: unknown key")
-    if "host" not in p:
-        raise ClientError(f"{where}.host: is required")
-    scheme_name = str(p.get("scheme", "v1"))
-    if scheme_name not in SCHEME_NAMES:
-        raise ClientError(
-            f"{where}.scheme: {scheme_name!r} is not one of {', '.join(SCHEME_NAMES)}"
-        )
-    min_bytes = MIN_SECRET_BYTES if scheme_name == "v1" else 1
-    try:
-        if "secret" in p:
-            secret = parse_base32(str(p["secret"]), min_bytes=min_bytes)
-        elif "secret_utf8" in p:
-            secret = str(p["secret_utf8"]).encode()
-        elif "secret_file" in p:
-            secret = read_secret_file(Path(str(p["secret_file"])).expanduser(), min_bytes)
-        else:
-            raise ClientError(f"{where}: needs secret, secret_utf8 or secret_file")
-        options: dict[str, Any] = {
-            k: int(p[k]) for k in ("port_min", "port_max", "length", "step_seconds") if k in p
-        }
-        if "realm" in p:
-            options["realm"] = str(p["realm"]).encode()
-        if "exclude" in p:
-            options["exclude"] = frozenset(int(x) for x in p["exclude"])
-        port = int(p.get("port", 22))
-        counter = int(p.get("counter", 0))
-    except (SecretError, TypeError, ValueError) as exc:
-        raise ClientError(f"{where}: {exc}") from None
-    _check_port(port)
-    return Target(name, str(p["host"]), port, secret, scheme_name, options, counter)
-
-
-def _check_port(port: int) -> None:
-    if not 1 <= port <= 65535:
-        raise ClientError(f"port {port} is outside 1-65535")
-
-
-# --- counter state ------------------------------------------------------------
-
-
-def load_counter(key: str, step: int) -> int:
-    try:
-        data = json.loads(state_path().read_text())
-        entry = data[key]
-        return int(entry["counter"]) + 1 if int(entry["step"]) == step else 0
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
-def save_counter(key: str, step: int, counter: int) -> None:
-    path = state_path()
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            data = {}
-    except (OSError, ValueError):
-        data = {}
-    data[key] = {"step": step, "counter": counter}
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
-# --- the command ----------------------------------------------------------------
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= MAX_HOTP_COUNTER:
+        raise argparse.ArgumentTypeError("a counter is an integer >= 0")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -209,45 +124,149 @@ def _parser() -> argparse.ArgumentParser:
         prog="nfknock-client",
         description="Open a port guarded by nfknock.",
         epilog="exit codes: 0 opened/sent, 1 did not open, 2 usage or input error, "
-        "3 resync exhausted",
+        "3 resync exhausted; --exec returns the command's status",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in ("knock", "sequence"):
-        s = sub.add_parser(name, help="knock and open" if name == "knock" else "print the ports")
-        s.add_argument("host", nargs="?")
-        s.add_argument("--profile")
-        s.add_argument(
-            "--config", type=Path, default=None, help="client.toml to read profiles from"
+        s = sub.add_parser(
+            name,
+            help="knock (and check, pipe or exec)" if name == "knock" else "print the ports",
+            epilog="exit codes: 0 opened/sent, 1 did not open, 2 usage or input error, "
+            "3 resync exhausted; --exec returns the command's status",
+            description="Knock on HOST and open its protected port."
+            if name == "knock"
+            else "Print the knock sequence the next knock would send (for other knock "
+            "tools); records nothing.",
         )
-        s.add_argument("--secret-file", type=Path, help="base32 secret, mode 0600")
-        s.add_argument("--scheme", choices=SCHEME_NAMES, default=None, help="default: v1")
-        s.add_argument("--port", type=int, default=None, help="the protected port (default 22)")
-        s.add_argument("--realm", default=None)
-        s.add_argument("--length", type=int, default=None)
-        s.add_argument("--range", default=None, metavar="LO-HI")
-        s.add_argument("--step", type=int, default=None)
-        s.add_argument("--exclude", default=None, metavar="P,P,...")
-        s.add_argument("--counter", type=int, default=None, help="override the saved counter")
-        s.add_argument("--json", action="store_true")
-        if name == "knock":
-            fam = s.add_mutually_exclusive_group()
-            fam.add_argument("-4", dest="family", action="store_const", const=4)
-            fam.add_argument("-6", dest="family", action="store_const", const=6)
-            s.add_argument(
-                "--raw", action="store_true", help="single SYNs from a raw socket (root)"
-            )
-            s.add_argument("--pace-ms", type=float, default=0.2, help="gap between knocks (ms)")
-            s.add_argument("--timeout", type=float, default=3.0, help="door check timeout (s)")
-            mode = s.add_mutually_exclusive_group()
-            mode.add_argument(
-                "--pipe", action="store_true", help="relay stdin/stdout (ProxyCommand)"
-            )
-            mode.add_argument("--exec", dest="exec_cmd", metavar="CMD", help="run CMD once open")
-            s.add_argument(
-                "--check",
-                action="store_true",
-                help="probe the protected port (spends one connection of the budget)",
-            )
+        s.add_argument(
+            "host", nargs="?", help="address or name to knock (default: the profile's host)"
+        )
+        s.add_argument(
+            "--profile", help="profile NAME from client.toml (default: none, use the options)"
+        )
+        s.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help="client.toml to read profiles from (default: "
+            "$XDG_CONFIG_HOME/nfknock/client.toml or ~/.config/nfknock/client.toml)",
+        )
+        s.add_argument(
+            "--secret-file",
+            type=Path,
+            help="file holding the base32 secret, mode 0600 (default: the profile's secret; "
+            "required without --profile)",
+        )
+        s.add_argument(
+            "--scheme",
+            choices=SCHEME_NAMES,
+            default=None,
+            help="knock scheme (default: the profile's, else v1)",
+        )
+        s.add_argument(
+            "--port",
+            type=int,
+            metavar="PORT",
+            default=None,
+            help="the protected port to open (default: the profile's, else 22)",
+        )
+        s.add_argument("--realm", default=None, help="v1 realm (default: the profile's, else '')")
+        s.add_argument(
+            "--length",
+            type=int,
+            default=None,
+            metavar="N",
+            help="knocks per sequence (default: 32)",
+        )
+        s.add_argument(
+            "--range",
+            default=None,
+            metavar="LO-HI",
+            help="knock port range (default: 1024-33791 for v1, 1024-32768 for totp-knockd-rs)",
+        )
+        s.add_argument(
+            "--step",
+            type=int,
+            default=None,
+            metavar="SECONDS",
+            help="seconds per time step (default: 30)",
+        )
+        s.add_argument(
+            "--exclude",
+            default=None,
+            metavar="P,P,...",
+            help="ports never knocked, as on the server (default: the profile's; the "
+            "protected port is always excluded)",
+        )
+        s.add_argument(
+            "--counter",
+            type=_counter_arg,
+            metavar="N",
+            default=None,
+            help="counter of the first knock (default: the next one after those this "
+            "client recorded in this step; HOTP: never below the profile's counter)",
+        )
+        s.add_argument(
+            "--json",
+            action="store_true",
+            help="print the result as one JSON line on stdout (default: a message on stderr)",
+        )
+        if name == "sequence":
+            continue
+        fam = s.add_mutually_exclusive_group()
+        fam.add_argument(
+            "-4", dest="family", action="store_const", const=4, help="IPv4 only (default: any)"
+        )
+        fam.add_argument(
+            "-6", dest="family", action="store_const", const=6, help="IPv6 only (default: any)"
+        )
+        s.add_argument(
+            "--raw",
+            action="store_true",
+            help="send single SYNs from a raw socket (needs root; default: connect() knocks)",
+        )
+        s.add_argument(
+            "--pace-ms",
+            type=_number(0, 10000, "--pace-ms"),
+            metavar="MS",
+            default=0.2,
+            help="gap between knocks in milliseconds (default: 0.2)",
+        )
+        s.add_argument(
+            "--timeout",
+            type=_number(0.1, 600, "--timeout"),
+            metavar="SECONDS",
+            default=3.0,
+            help="seconds to wait for the door to answer a probe (default: 3)",
+        )
+        s.add_argument(
+            "--lock-wait",
+            type=_number(0, 3600, "--lock-wait"),
+            metavar="SECONDS",
+            default=DEFAULT_LOCK_WAIT,
+            help="seconds to wait while another invocation of this profile knocks "
+            f"(default: {DEFAULT_LOCK_WAIT:g}; then exit 1)",
+        )
+        mode = s.add_mutually_exclusive_group()
+        mode.add_argument(
+            "--pipe",
+            action="store_true",
+            help="probe, then relay stdin/stdout over the connection (for ssh's "
+            "ProxyCommand; stdin and stdout must be pipes or sockets; default: off)",
+        )
+        mode.add_argument(
+            "--exec",
+            dest="exec_cmd",
+            metavar="CMD",
+            help="run CMD through the shell once knocked (default: none); with --check, "
+            "CMD's own connection needs max_connections >= 2",
+        )
+        s.add_argument(
+            "--check",
+            action="store_true",
+            help="probe the protected port and retry until it opens (spends one "
+            "connection of the grant; default: no probe)",
+        )
     return p
 
 
@@ -269,7 +288,7 @@ def _target(args: argparse.Namespace) -> Target:
     if args.host and args.profile:
         t.host = args.host
     port = args.port if args.port is not None else t.port
-    _check_port(port)
+    check_port(port)
     opts = dict(t.options)
     try:
         if args.range:
@@ -279,7 +298,7 @@ def _target(args: argparse.Namespace) -> Target:
         if args.step is not None:
             opts["step_seconds"] = args.step
         if args.realm is not None:
-            opts["realm"] = args.realm.encode()
+            opts["realm"] = args.realm.encode(errors="surrogateescape")
         if args.exclude is not None:
             opts["exclude"] = parse_port_list(args.exclude)
         # The protected port is never a knock (the server excludes it too).
@@ -287,16 +306,21 @@ def _target(args: argparse.Namespace) -> Target:
         scheme = make_scheme(t.scheme_name, **opts)
     except SchemeError as exc:
         raise ClientError(str(exc)) from None
+    limit = MAX_STEP_COUNTER if scheme.time_based else MAX_HOTP_COUNTER
+    if args.counter is not None and args.counter > limit:
+        raise ClientError(f"--counter {args.counter} is above {limit} for scheme {scheme.name}")
     return Target(t.name, t.host, port, t.secret, t.scheme_name, opts, t.initial_counter, scheme)
 
 
-def _counter(t: Target, step: int, override: int | None) -> int:
-    if override is not None:
-        return override
-    if not t.scheme.has_counter:
-        return 0
-    saved = load_counter(t.name, step)
-    return max(saved, t.initial_counter) if not t.scheme.time_based else saved
+def _planner(t: Target, given: int | None) -> Planner:
+    s = t.scheme
+    return Planner(
+        time_based=s.time_based,
+        has_counter=s.has_counter,
+        step_length=s.step_length(),
+        floor=0 if s.time_based else t.initial_counter,
+        given=given,
+    )
 
 
 def _result(args: argparse.Namespace, code: int, message: str, **extra: Any) -> int:
@@ -307,124 +331,220 @@ def _result(args: argparse.Namespace, code: int, message: str, **extra: Any) -> 
     return code
 
 
+def _note(message: str) -> None:
+    print(f"nfknock-client: {message}", file=sys.stderr, flush=True)
+
+
 def cmd_sequence(args: argparse.Namespace) -> int:
     t = _target(args)
-    step = step_for(t.scheme, time.time())
-    counter = _counter(t, step, args.counter)
-    ports = t.scheme.derive(t.secret, step, counter)
+    planner = _planner(t, args.counter)
+    wall = time.time()
+    step = planner.step_of(wall)
+    knock = planner.start(wall, StateStore(state_dir()).record(t.name, step))
+    ports = t.scheme.derive(t.secret, knock.step, knock.counter)
     if args.json:
-        out = {"scheme": t.scheme.name, "ports": list(ports), "step": step, "counter": counter}
+        out = {
+            "scheme": t.scheme.name,
+            "ports": list(ports),
+            "step": step,
+            "counter": knock.counter,
+        }
         print(json.dumps(out))
     else:
         print(" ".join(map(str, ports)))
     return EXIT_OPENED
 
 
-def cmd_knock(args: argparse.Namespace) -> int:
-    t = _target(args)
-    import socket
+# --- knocking -----------------------------------------------------------------------
 
+
+@dataclass
+class KnockIO:
+    """The edges of ``knock`` (tests replace them: a fake clock, fake probes)."""
+
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    send: Callable[[int, str, Sequence[int], float], None] | None = None  # None: by --raw
+    probe: Callable[[int, str, int, float], tuple[DoorState, socket.socket | None]] = probe
+    relay: Callable[[socket.socket], tuple[int, str | None]] = relay
+    tries: list[dict[str, Any]] = field(default_factory=list)
+
+
+_OUTCOME = {DoorState.OPEN: Outcome.OPEN, DoorState.BEHIND: Outcome.BEHIND}
+_RETRY_NOTE = {
+    "resend": "knocking counter {c} again at once (its knocks may have been lost)",
+    "unconfirmed": "knocking counter {c} at once (sent earlier, never confirmed)",
+    "ahead": "knocking counter {c} at once (the server may accept one counter ahead)",
+    "resync": "the server says counter {prev} is used; knocking counter {c}",
+    "next step": "trying step {s}, counter {c}",
+}
+
+
+def _exec(cmd: str) -> int:
+    try:
+        code = subprocess.call(cmd, shell=True)  # noqa: S602 - the user's command line
+    except (OSError, ValueError) as exc:
+        raise ClientError(f"--exec {cmd!r}: {exc}") from None
+    return 128 - code if code < 0 else code
+
+
+def cmd_knock(args: argparse.Namespace, io: KnockIO | None = None) -> int:
+    io = io or KnockIO()
+    io.tries = []
+    if args.pipe and (problem := pipe_problem()):
+        raise ClientError(
+            f"--pipe relays stdin/stdout for ssh's ProxyCommand, but {problem}: nothing "
+            "was knocked. Use it as ssh -o ProxyCommand='nfknock-client knock --pipe ...', "
+            "or knock without --pipe"
+        )
+    if args.exec_cmd is not None and "\0" in args.exec_cmd:
+        raise ClientError("--exec: the command contains a NUL byte")
+    t = _target(args)
     family = {4: socket.AF_INET, 6: socket.AF_INET6}.get(args.family or 0, 0)
     try:
         fam, address = resolve(t.host, family)
     except LookupError as exc:
         raise ClientError(str(exc)) from None
-    send = send_raw_knocks if args.raw else send_connect_knocks
-    pace = max(args.pace_ms, 0.0) / 1000
-    check = args.check or args.pipe
-    retried_step = False
-    attempts = 0
-    while True:
-        step = step_for(t.scheme, time.time())
-        counter = _counter(t, step, args.counter if attempts == 0 else None)
-        ports = t.scheme.derive(t.secret, step, counter)
-        try:
-            send(fam, address, ports, pace)
-        except PermissionError:
-            raise ClientError("--raw needs root (CAP_NET_RAW)") from None
-        except OSError as exc:
-            return _result(args, EXIT_FAILED, f"knocking {address} failed: {exc}")
-        save_counter(t.name, step, counter)
-        attempts += 1
-        if not check:
-            msg = (
-                f"sent {len(ports)} knocks to {address} (step {step}, counter {counter}); "
-                "door not checked (--check spends one connection)"
-            )
-            if args.exec_cmd:
-                print(f"nfknock-client: {msg}", file=sys.stderr)
-                return subprocess.call(args.exec_cmd, shell=True)  # noqa: S602 - the user's command line
-            return _result(args, EXIT_OPENED, msg, step=step, counter=counter, address=address)
-        state, conn = probe(fam, address, t.port, args.timeout)
-        if state is DoorState.OPEN and conn is not None:
-            if args.pipe:
-                relay(conn)
-                return EXIT_OPENED
-            conn.close()
-            msg = f"door open: {address}:{t.port} (step {step}, counter {counter})"
-            if args.exec_cmd:
-                print(f"nfknock-client: {msg}", file=sys.stderr)
-                return subprocess.call(args.exec_cmd, shell=True)  # noqa: S602
-            return _result(args, EXIT_OPENED, msg, step=step, counter=counter, address=address)
-        if state is DoorState.BEHIND and not t.scheme.has_counter:
-            # This step's one sequence is used up (a scheme without counters):
-            # only the next step can open.
-            if retried_step:
-                return _result(
-                    args,
-                    EXIT_RESYNC,
-                    "the sequence of this step was used; gave up after the next step",
-                    step=step,
-                    counter=counter,
-                )
-            retried_step = True
-            time.sleep(max((step + 1) * t.scheme.step_length() - time.time() + 0.05, 0.0))
-            continue
-        if state is DoorState.BEHIND:
-            if attempts >= MAX_RESYNC:
-                return _result(
-                    args,
-                    EXIT_RESYNC,
-                    f"still behind after {attempts} knocks; giving up",
-                    step=step,
-                    counter=counter,
-                )
-            continue  # the saved counter now points past the stale one
-        if retried_step:
-            return _result(
-                args,
-                EXIT_FAILED,
-                f"{address}:{t.port} did not open in two steps. Likely causes: wrong secret, "
-                "wrong realm or knock parameters, this clock is off by more than the server's "
-                "skew, or a firewall between drops the knock range",
-                step=step,
-                counter=counter,
-            )
-        retried_step = True
-        if not t.scheme.time_based:
-            return _result(
-                args,
-                EXIT_FAILED,
-                f"{address}:{t.port} did not open (HOTP "
-                "counter too far ahead, wrong secret, or a firewall between)",
-                step=step,
-                counter=counter,
-            )
-        wait = (step + 1) * t.scheme.step_length() - time.time() + 0.05
-        time.sleep(max(wait, 0.0))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    send = io.send or (send_raw_knocks if args.raw else send_connect_knocks)
+    pace = args.pace_ms / 1000
+    probing = args.check or args.pipe
+    store = StateStore(state_dir())
+    planner = _planner(t, args.counter)
+    lock = store.profile_lock(t.name, args.lock_wait)
     try:
-        return cmd_knock(args) if args.command == "knock" else cmd_sequence(args)
-    except ClientError as exc:
-        if getattr(args, "json", False):
-            print(json.dumps({"ok": False, "exit": EXIT_USAGE, "message": str(exc)}))
-        print(f"nfknock-client: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        lock.acquire()
+        wall = io.clock()
+        action: Action = planner.start(wall, store.record(t.name, planner.step_of(wall)))
+        prev: Knock | None = None
+        while isinstance(action, Knock | Wait):
+            if isinstance(action, Wait):
+                lock.release()
+                wait = max(action.until - io.clock(), 0.0)
+                _note(f"no answer in this step; waiting {wait:.1f}s for the next one")
+                io.sleep(wait)
+                lock.acquire()
+                wall = io.clock()
+                action = planner.resume(wall, store.record(t.name, planner.step_of(wall)))
+            knock = action
+            if prev is not None and knock.why in _RETRY_NOTE:
+                _note(
+                    _RETRY_NOTE[knock.why].format(c=knock.counter, prev=prev.counter, s=knock.step)
+                )
+            ports = t.scheme.derive(t.secret, knock.step, knock.counter)
+            store.mark_sent(t.name, knock.step, knock.counter)  # before any knock leaves
+            try:
+                send(fam, address, ports, pace)
+            except PermissionError:
+                raise ClientError("--raw needs root (CAP_NET_RAW)") from None
+            except OSError as exc:
+                return _result(args, EXIT_FAILED, f"knocking {address} failed: {exc}")
+            info = {"step": knock.step, "counter": knock.counter, "address": address}
+            if not probing:
+                lock.release()
+                return _sent(args, t, len(ports), info)
+            state, conn = io.probe(fam, address, t.port, args.timeout)
+            outcome = _OUTCOME.get(state, Outcome.TIMEOUT)
+            io.tries.append({**info, "why": knock.why, "result": outcome.value})
+            if outcome is not Outcome.TIMEOUT:
+                store.mark_used(t.name, knock.step, knock.counter)
+            if outcome is Outcome.OPEN and conn is not None:
+                lock.release()
+                return _opened(args, io, t, conn, info)
+            prev, wall = knock, io.clock()
+            action = planner.after(outcome, wall, store.record(t.name, planner.step_of(wall)))
+        lock.release()
+        return _gave_up(args, io, t, address, action, planner.resyncs)
+    finally:
+        lock.close()
+
+
+def _sent(args: argparse.Namespace, t: Target, n: int, info: dict[str, Any]) -> int:
+    c = info["counter"]
+    msg = f"sent {n} knocks to {info['address']} (step {info['step']}"
+    if t.scheme.has_counter:
+        msg += (
+            f", counter {c}); door not checked (--check would spend a connection). "
+            f"Nothing confirms a plain knock, so counter {c} is recorded as sent and the "
+            f"next knock uses {c + 1}"
+        )
+    else:
+        msg += "); door not checked (--check would spend a connection)"
+    if args.exec_cmd:
+        _note(msg)
+        return _exec(args.exec_cmd)
+    return _result(args, EXIT_OPENED, msg, **info)
+
+
+def _opened(
+    args: argparse.Namespace, io: KnockIO, t: Target, conn: socket.socket, info: dict[str, Any]
+) -> int:
+    if args.pipe:
+        code, message = io.relay(conn)
+        if message:
+            _note(message)
+        return code
+    conn.close()
+    where = f"{info['address']}:{t.port} (step {info['step']}, counter {info['counter']})"
+    if args.exec_cmd:
+        _note(
+            f"door open: {where}; the check used one connection, so CMD needs the server's "
+            "max_connections >= 2"
+        )
+        return _exec(args.exec_cmd)
+    return _result(
+        args, EXIT_OPENED, f"door open: {where} -- {CHECK_SPENT}", tries=io.tries, **info
+    )
+
+
+def _gave_up(
+    args: argparse.Namespace,
+    io: KnockIO,
+    t: Target,
+    address: str,
+    done: Done,
+    resyncs: int,
+) -> int:
+    last = io.tries[-1] if io.tries else {}
+    extra = {"step": last.get("step"), "counter": last.get("counter"), "tries": io.tries}
+    if done is Done.STEP_USED:
+        msg = "the sequence of this step was used; gave up after the next step"
+        return _result(args, EXIT_RESYNC, msg, **extra)
+    if done is Done.RESYNC_EXHAUSTED:
+        msg = f"still behind after {resyncs} resets; giving up"
+        return _result(args, EXIT_RESYNC, msg, **extra)
+    tried = ", ".join(f"{x['counter']}" for x in io.tries)
+    if t.scheme.time_based:
+        msg = (
+            f"{address}:{t.port} did not open in two steps (counters tried: {tried}). Likely "
+            "causes: wrong secret, wrong realm or knock parameters, this clock is off by more "
+            "than the server's skew, or a firewall between drops the knock range"
+        )
+    else:
+        msg = (
+            f"{address}:{t.port} did not open (counters tried: {tried}; HOTP counter too far "
+            "ahead, wrong secret, or a firewall between)"
+        )
+    return _result(args, EXIT_FAILED, msg, **extra)
+
+
+def main(argv: list[str] | None = None, io: KnockIO | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "knock" and args.pipe and args.json:
+        parser.error("--json cannot be combined with --pipe: stdout is the connection")
+    code, message = EXIT_USAGE, ""
+    try:
+        return cmd_knock(args, io) if args.command == "knock" else cmd_sequence(args)
+    except (ClientError, StateError) as exc:
+        message = f"error: {exc}"
+    except LockTimeout as exc:
+        code, message = EXIT_FAILED, f"error: {exc}"
     except KeyboardInterrupt:
         return 130
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "exit": code, "message": message[len("error: ") :]}))
+    print(f"nfknock-client: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

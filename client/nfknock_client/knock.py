@@ -1,17 +1,22 @@
-"""Sending knocks and checking the door.  Standard library only.
+"""Sending knocks, checking the door, relaying ``--pipe``.  Standard library only.
 
 Knocks are ordinary non-blocking ``connect()`` calls closed right after the SYN
 left (no root, no kernel retransmission), or with ``raw=True`` single SYNs
-hand-built on a raw socket (root).
+hand-built on a raw socket (root).  :func:`probe` connects to the protected port
+(open / reset = behind / timeout); :func:`pipe_problem` says, before anything is
+knocked, why stdin/stdout cannot carry :func:`relay`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import random
+import selectors
 import socket
+import stat
 import struct
 import time
 from collections.abc import Sequence
@@ -26,10 +31,14 @@ class DoorState(Enum):
 
 def resolve(host: str, family: int = 0) -> tuple[int, str]:
     """Resolve once; returns (address family, address text)."""
+    if not host:
+        raise LookupError("no host given")
     try:
         infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise LookupError(f"cannot resolve {host!r}: {exc.strerror}") from None
+    except (UnicodeError, ValueError) as exc:  # a NUL byte, a label over 63 bytes
+        raise LookupError(f"cannot resolve {host!r}: {exc}") from None
     fam, _, _, _, sockaddr = infos[0]
     return int(fam), str(sockaddr[0])
 
@@ -107,33 +116,88 @@ def probe(
     return DoorState.OPEN, s
 
 
-def relay(conn: socket.socket, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
-    """Copy stdin -> conn and conn -> stdout until both sides are done (ProxyCommand)."""
-    import selectors
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a pipe or socket"
 
+
+def pipe_problem(stdin_fd: int = 0, stdout_fd: int = 1) -> str | None:
+    """Why stdin/stdout cannot carry a ``--pipe`` relay, or None.  Checked before
+    knocking: a relay that fails after the door opened has spent the connection.
+    Both must be pipes or sockets (ssh's ProxyCommand gives pipes): a terminal, a
+    regular file or /dev/null cannot be polled alongside the connection, and
+    relaying a terminal to an SSH server is never what was meant."""
+    for fd, name, flag in ((stdin_fd, "stdin", os.O_RDONLY), (stdout_fd, "stdout", os.O_WRONLY)):
+        try:
+            st = os.fstat(fd)
+            access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        except OSError:
+            return f"{name} is closed"
+        if os.isatty(fd):
+            return f"{name} is a terminal"
+        if not (stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
+            return f"{name} is {_kind(st.st_mode)}"
+        if access not in (flag, os.O_RDWR):
+            return f"{name} is not open for {'reading' if flag == os.O_RDONLY else 'writing'}"
+    return None
+
+
+def relay(conn: socket.socket, stdin_fd: int = 0, stdout_fd: int = 1) -> tuple[int, str | None]:
+    """Copy stdin -> conn and conn -> stdout until the session ends (ProxyCommand).
+
+    Returns (exit code, message or None).  The server closing the connection, or
+    whoever reads stdout going away (EPIPE), is a normal end: 0.  A reset or any
+    other network error: 1 with a message.  stdin's end half-closes the connection
+    and keeps copying the server's answer until it closes too."""
     conn.settimeout(None)
     sel = selectors.DefaultSelector()
-    sel.register(stdin_fd, selectors.EVENT_READ, "in")
-    sel.register(conn, selectors.EVENT_READ, "net")
+    try:
+        sel.register(stdin_fd, selectors.EVENT_READ, "in")
+        sel.register(conn, selectors.EVENT_READ, "net")
+    except (OSError, ValueError) as exc:  # pipe_problem() should have caught this
+        sel.close()
+        conn.close()
+        return 1, f"cannot relay stdin: {exc}"
     try:
         while True:
             for key, _ in sel.select():
                 if key.data == "in":
-                    data = os.read(stdin_fd, 65536)
+                    try:
+                        data = os.read(stdin_fd, 65536)
+                    except OSError:
+                        data = b""  # an unreadable stdin ends like EOF
                     if not data:
                         sel.unregister(stdin_fd)
                         with contextlib.suppress(OSError):
                             conn.shutdown(socket.SHUT_WR)
                         continue
-                    conn.sendall(data)
-                else:
+                    try:
+                        conn.sendall(data)
+                    except OSError as exc:
+                        return 1, f"connection to the server lost: {exc.strerror or exc}"
+                    continue
+                try:
                     data = conn.recv(65536)
-                    if not data:
-                        return
-                    view = memoryview(data)
+                except OSError as exc:
+                    return 1, f"connection to the server lost: {exc.strerror or exc}"
+                if not data:
+                    return 0, None
+                view = memoryview(data)
+                try:
                     while view:
                         n = os.write(stdout_fd, view)
                         view = view[n:]
+                except BrokenPipeError:
+                    return 0, None  # the reader (ssh) is gone: the session is over
+                except OSError as exc:
+                    return 1, f"cannot write to stdout: {exc.strerror or exc}"
     finally:
         sel.close()
         conn.close()
