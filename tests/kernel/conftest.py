@@ -81,6 +81,7 @@ def start_flood(
     count: int,
     dst: str = "198.51.100.1",
     ports: str = "1024-33791",
+    cpu: str | None = None,
 ) -> subprocess.Popen[str]:
     """A spoofed SYN flood from the client namespace (documentation sources only),
     bounded by ``count`` packets and ``seconds``."""
@@ -93,7 +94,8 @@ def start_flood(
         "net.ipv4.conf.default.rp_filter=0",
         "net.ipv4.conf.s0.rp_filter=0",
     )
-    argv = ["ip", "netns", "exec", lab.client, str(flooder), "-i", "c0", "-m", mac, "-d", dst]
+    pin = ["taskset", "-c", cpu] if cpu is not None else []
+    argv = ["ip", "netns", "exec", lab.client, *pin, str(flooder), "-i", "c0", "-m", mac, "-d", dst]
     argv += ["-s", "doc4", "-p", ports, "-r", str(rate), "-t", str(seconds), "-n", str(count)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lab.procs.append(proc)
