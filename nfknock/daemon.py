@@ -27,6 +27,7 @@ from nfknock.config import Config, ConfigError
 from nfknock.events import Verdict
 from nfknock.logs import EventLogger
 from nfknock.packet import COPY_RANGE
+from nfknock.paths import make_dirs
 from nfknock.sdnotify import notify, watchdog_interval
 from nfknock.service import Service, queue_stats
 
@@ -110,7 +111,7 @@ class Daemon:
 
     def _open_control(self) -> socket.socket:
         path = self.service.cfg.control_socket
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(path.parent, 0o700)  # every missing level, whatever the umask
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(path.lstat().st_mode):
                 path.unlink()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nfknock import __version__
 from nfknock.schemes import SCHEME_NAMES, V1, Scheme, make_scheme, step_for
 from nfknock.sequence import (
     MIN_SECRET_BYTES,
@@ -211,6 +212,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 opened/sent, 1 did not open, 2 usage or input error, "
         "3 resync exhausted",
     )
+    p.add_argument("--version", action="version", version=f"nfknock-client {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in ("knock", "sequence"):
         s = sub.add_parser(name, help="knock and open" if name == "knock" else "print the ports")
