@@ -190,10 +190,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     if config.exists() and not force:
         return _fail(f"{config} exists; use --force to overwrite (the users file is kept)")
     keep_users = users.exists() and not args.force_users
-    if users.exists() and not keep_users:
-        count = _count_users(users)
-        _say(f"replacing {users}: {count} user(s) erased (--force-users)")
     text = _render_config(config, users, args.state, args.socket)
+    if users.exists() and not keep_users:
+        _say(f"replacing {users}: {_count_users(users)} user(s) erased (--force-users)")
     make_dirs(config.parent, 0o700)  # every missing level, whatever the umask
     atomic_write(config, text.encode(), mode=0o600)
     if keep_users:
@@ -212,8 +211,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 def _toml_string(text: str) -> str:
     """The inside of a TOML basic string: JSON's escapes are TOML's (RFC 8259
     section 7, TOML "Basic strings") for anything a path may hold but a lone
-    surrogate (refused before)."""
-    return json.dumps(text, ensure_ascii=False)[1:-1]
+    surrogate (refused before) and DEL, which JSON leaves raw and TOML forbids."""
+    return json.dumps(text, ensure_ascii=False)[1:-1].replace("\x7f", "\\u007f")
 
 
 def _render_config(config: Path, users: Path, state: str, sock: str) -> str:
@@ -243,7 +242,7 @@ def _render_config(config: Path, users: Path, state: str, sock: str) -> str:
 def _count_users(path: Path) -> str:
     try:
         users = tomllib.loads(path.read_text()).get("users", {})
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
+    except (OSError, ValueError, RecursionError):  # ValueError: also TOML, UTF-8
         return "an unknown number of"
     return str(len(users)) if isinstance(users, dict) else "an unknown number of"
 
@@ -251,7 +250,7 @@ def _count_users(path: Path) -> str:
 def _read_users(cfg: Config) -> dict[str, Any]:
     try:
         raw = tomllib.loads(cfg.users_file.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: also TOML, UTF-8
         raise ConfigError(cfg.users_file, "", str(exc) or type(exc).__name__) from None
     users = raw.get("users", {})
     return dict(users) if isinstance(users, dict) else {}

@@ -50,6 +50,8 @@ MIN_STRENGTH_BITS = 64
 # An [[allow]] network wider than this lets a large part of the internet in
 # without knocking (check warns); a /0 is refused.
 WIDE_PREFIX = {4: 8, 6: 32}
+# A config or users file larger than this is not read (100,000 users take ~10 MiB).
+MAX_FILE_BYTES = 64 << 20
 
 
 class ConfigError(Exception):
@@ -222,6 +224,8 @@ class _Table:
             return default
         value = self.data.pop(name)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > 2**53:  # float() would round it, or overflow past 1e308
+                raise self.error(name, f"{_number(value)} is far too large")
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.error(name, f"must be {kind.__name__}, not {_kind(value)}")
@@ -230,7 +234,7 @@ class _Table:
     def int_in(self, name: str, default: int, lo: int, hi: int) -> int:
         value = self.take(name, int, default)
         if not lo <= value <= hi:
-            raise self.error(name, f"{value} is outside {lo}..{hi}")
+            raise self.error(name, f"{_number(value)} is outside {lo}..{hi}")
         return value
 
     def float_in(self, name: str, default: float, lo: float, hi: float) -> float:
@@ -258,6 +262,11 @@ class _Table:
             raise self.error(name, "unknown key")
 
 
+def _number(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"a {len(text.lstrip('-'))}-digit number"
+
+
 def _kind(value: object) -> str:
     return {
         bool: "a boolean",
@@ -272,25 +281,31 @@ def _kind(value: object) -> str:
 def _load_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(path, "", "file not found") from None
     except PermissionError:
         raise ConfigError(path, "", "permission denied") from None
     except IsADirectoryError:
         raise ConfigError(path, "", "is a directory, not a file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, "", f"invalid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(path, "", f"not UTF-8 text: {exc}") from None
-    except RecursionError:
-        # tomllib parses nested arrays and inline tables recursively; a few
-        # thousand "[" exhaust Python's stack (issue 15 C: 103 of 2,000 mutants).
-        raise ConfigError(path, "", "nesting too deep (arrays or inline tables)") from None
     except OSError as exc:  # e.g. "/etc/passwd/x", a name too long, EIO
         raise ConfigError(path, "", exc.strerror or str(exc)) from None
     except ValueError as exc:  # a NUL byte in the path
         raise ConfigError(path, "", str(exc)) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(path, "", f"larger than {MAX_FILE_BYTES >> 20} MiB")
+    try:
+        return tomllib.loads(raw.decode())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "", f"not UTF-8 text: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"invalid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively; a few
+        # thousand "[" exhaust Python's stack (issue 15 C: 103 of 2,000 mutants).
+        raise ConfigError(path, "", "nesting too deep (arrays or inline tables)") from None
+    except ValueError:  # int(): Python refuses to convert more than 4300 digits
+        raise ConfigError(path, "", "a number with thousands of digits") from None
 
 
 def _address(table: _Table, name: str) -> IPAddress | None:

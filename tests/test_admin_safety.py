@@ -146,3 +146,22 @@ def test_run_without_cap_net_admin_says_so_and_exits_1(cfg: Path) -> None:
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "CAP_NET_ADMIN" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "state", ['/var/lib/a"b\\c', "/var/lib/\x7f/\x01/state.json", "/tmp/\u00e9"]
+)
+def test_init_writes_any_path_as_a_valid_toml_string(tmp_path: Path, state: str) -> None:
+    config = tmp_path / "nfknock.toml"
+    argv = ["init", "--config", str(config), "--state", state]
+    assert main([*argv, "--socket", str(tmp_path / "c.sock")]) == 0
+    assert load_config(config).state_path == Path(state)
+
+
+def test_init_refuses_a_path_check_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "nfknock.toml"
+    assert main(["init", "--config", str(config), "--socket", "/dev/null"]) == 2
+    assert "control.socket" in capsys.readouterr().err
+    assert not config.exists()

@@ -181,3 +181,15 @@ def test_a_very_wide_allow_entry_is_warned_about(tmp_path: Path, network: str) -
 def test_an_admin_network_allow_entry_gets_no_warning(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, MINIMAL + '[[allow]]\nnetwork = "203.0.113.0/24"\n'))
     assert cfg.warnings == ()
+
+
+@pytest.mark.parametrize("value", ["1" + "0" * 400, "9007199254740993", "1e400", "nan", "-inf"])
+def test_absurd_numbers_for_a_float_key_are_config_errors(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL + f"[door]\nopen_seconds = {value}\n"))
+    assert err.value.key == "door.open_seconds"
+
+
+def test_a_number_with_thousands_of_digits_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="thousands of digits"):
+        load_config(write(tmp_path, MINIMAL + "[door]\nmax_connections = " + "1" * 5000 + "\n"))

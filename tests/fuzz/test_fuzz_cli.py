@@ -20,19 +20,16 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from nfknock.cli import main as nfknock_main
 from nfknock_client import cli as client_cli
 
+from .conftest import budget
 from .targets import SECRET, run_quietly, write_setup
 
-FUZZ = settings(
-    max_examples=300,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+FUZZ = budget(500)
 
 NUMBERS = ["0", "-1", "1", "2", "32", "65535", "65536", "1e400", "nan", "inf", "-inf"]
 NUMBERS += ["1" + "0" * 30, "0x10", "abc", "", " 5", "\u0663", "1.5", "-0"]
@@ -249,7 +246,7 @@ def test_nfknock_client_argument_vectors_never_raise(data: st.DataObject) -> Non
 BYTES_TOKENS = st.sampled_from([b"\xff", b"caf\xc3\xa9", b"\xed\xa0\x80", b"a\xffb", b"--\xff"])
 
 
-@settings(max_examples=8, deadline=None)
+@budget(20)
 @given(
     command=st.sampled_from(["check", "sequence", "status", "init", "user"]),
     junk=st.lists(BYTES_TOKENS, min_size=1, max_size=3),

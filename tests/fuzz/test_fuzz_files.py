@@ -9,13 +9,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from .conftest import budget
 from .mutate import mutated
 from .targets import FILE_TARGETS, FileTarget
 
-FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = budget(500)
 
 
 @pytest.mark.parametrize("target", FILE_TARGETS, ids=lambda t: t.name)
