@@ -62,9 +62,8 @@ def test_atomic_write_under_umask_000_creates_private_parents(
 ) -> None:
     target = tmp_path / "a" / "b" / "state.json"
     atomic_write(target, b"{}\n")
-    assert (mode(tmp_path / "a"), mode(tmp_path / "a" / "b"), mode(target)) == (0o700,) * 2 + (
-        0o600,
-    )
+    assert mode(tmp_path / "a") == mode(tmp_path / "a" / "b") == 0o700
+    assert mode(target) == 0o600
 
 
 def test_daemon_control_socket_directories_are_private_under_umask_000(
