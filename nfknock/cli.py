@@ -163,7 +163,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     ports = ", ".join(f"{p.port}@{p.address}" if p.address else str(p.port) for p in cfg.protect)
     print(
         f"{cfg.path}: OK — protects {ports}; knock range "
-        f"{cfg.knock.port_min}-{cfg.knock.port_max}, {cfg.knock.length} knocks; "
+        f"{cfg.knock.port_min}-{cfg.knock.port_max}, {cfg.knock.length} knock(s); "
         f"{len(cfg.users)} user(s), {enabled} enabled ({cfg.users_file})"
     )
     return EXIT_OK

@@ -372,8 +372,8 @@ def _weak_sequence(key: str, length: int, choices: int, bits: float) -> str | No
     if length >= MIN_KNOCKS and bits >= MIN_STRENGTH_BITS:
         return None
     return (
-        f"{key}: {length} knock{'s' if length != 1 else ''} from {choices} ports give "
-        f"~{bits:.0f} bits per attempt: an attacker sweeping the knock range can guess "
+        f"{key}: {length} knock{'' if length == 1 else 's'} from {choices} ports: only "
+        f"~{bits:.0f} bits per attempt; an attacker sweeping the knock range can guess "
         f"the sequence (use at least {MIN_KNOCKS} knocks and {MIN_STRENGTH_BITS} bits; "
         "the default, 32 knocks from 2^15 ports, is ~480 bits)"
     )
