@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import socket
+import shlex
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,20 @@ from typing import Any
 import toml
 
 from nfknock.applied import DEFAULT_APPLIED
-from nfknock.config import Config, ConfigError, load_config, parse_users
+from nfknock.config import (
+    Config,
+    ConfigError,
+    load_config,
+    parse_config,
+    parse_users,
+    printable,
+)
 from nfknock.fileio import atomic_write
+from nfknock.paths import make_dirs
 from nfknock.schemes import SCHEME_NAMES
 from nfknock.sequence import SchemeError, format_base32, generate_secret, parse_port_list
 from nfknock.spa import admin as spa_admin
+from nfknock.status_text import format_status
 
 CONFIG_TEMPLATE = """\
 # nfknock configuration (TOML).  `nfknock check --config {config}` validates it.
@@ -75,26 +85,58 @@ USERS_HEADER = (
 )
 
 
+DEFAULT_CONFIG = "/etc/nfknock/nfknock.toml"
+CONFIG_HELP = "the configuration file"
+
+
 def register(sub: Any) -> None:
     def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(handler=func)
         return p
 
     p = add("init", cmd_init, "write a commented configuration and an empty users file")
-    p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
-    p.add_argument("--users-file", default=None, help="default: users.toml beside the config")
-    p.add_argument("--state", default="/var/lib/nfknock/state.db")
-    p.add_argument("--socket", default="/run/nfknock/control.sock")
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="the configuration file to write")
+    p.add_argument(
+        "--users-file", default=None, help="the users file (default: users.toml beside --config)"
+    )
+    p.add_argument("--state", default="/var/lib/nfknock/state.db", help="[state] path to write in")
+    p.add_argument(
+        "--socket", default="/run/nfknock/control.sock", help="[control] socket to write in"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing configuration (an existing users file is kept)",
+    )
+    p.add_argument(
+        "--force-users",
+        action="store_true",
+        help="also replace an existing users file, erasing every user (implies --force)",
+    )
 
     p = add("user", cmd_user, "manage users (add, list, disable, enable, rekey, revoke)")
-    p.add_argument("action", choices=["add", "list", "disable", "enable", "rekey", "revoke"])
-    p.add_argument("name", nargs="?")
-    p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
-    p.add_argument("--ports", default=None, help="protected ports this user may open: P,P,...")
-    p.add_argument("--host", default=None, help="the address clients knock (for the profile)")
-    p.add_argument("--profile", default=None, help="profile name printed for the client")
+    p.add_argument(
+        "action",
+        choices=["add", "list", "disable", "enable", "rekey", "revoke"],
+        help="add and rekey print the user's client profile on stdout",
+    )
+    p.add_argument("name", nargs="?", help="the user (every action but list)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    p.add_argument(
+        "--ports",
+        default=None,
+        help="protected ports this user may open: P,P,... (default: every protected port)",
+    )
+    p.add_argument(
+        "--host",
+        default=None,
+        help="the name or address clients knock, written into the profile "
+        "(no default: required for add and rekey)",
+    )
+    p.add_argument(
+        "--profile", default=None, help="profile name printed for the client (default: --host)"
+    )
     p.add_argument(
         "--scheme",
         choices=SCHEME_NAMES,
@@ -105,9 +147,12 @@ def register(sub: Any) -> None:
     p.add_argument("--spa", action="store_true", help="fwknop SPA keys instead of a knock secret")
 
     p = add("rules", cmd_rules, "render, install or remove the static firewall rules")
-    p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument(
-        "--format", choices=["iptables", "ip6tables", "nftables", "aws-sg"], default="iptables"
+        "--format",
+        choices=["iptables", "ip6tables", "nftables", "aws-sg"],
+        default="iptables",
+        help="what to print",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -131,7 +176,7 @@ def register(sub: Any) -> None:
     )
 
     p = add("run", cmd_run, "run the verdict daemon on the NFQUEUE")
-    p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument(
         "--applied",
         default=str(DEFAULT_APPLIED),
@@ -148,8 +193,8 @@ def register(sub: Any) -> None:
     )
 
     p = add("status", cmd_status, "live grants, counters and verdict counts of the daemon")
-    p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    p.add_argument("--json", action="store_true", help="the daemon's status as JSON")
 
     add("demo", cmd_demo, "a self-contained demonstration in network namespaces (root)")
 
@@ -158,7 +203,7 @@ def register(sub: Any) -> None:
         cmd_reload,
         "validate the configuration, re-apply the rules, make the running daemon re-read it",
     )
-    p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument(
         "--applied",
         default=str(DEFAULT_APPLIED),
@@ -173,27 +218,80 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _say(message: str) -> None:
+    """A status line: stderr, so that stdout carries only what may be redirected."""
+    print(message, file=sys.stderr)
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     config = Path(args.config)
     users = Path(args.users_file) if args.users_file else config.with_name("users.toml")
-    for path in (config, users):
-        if path.exists() and not args.force:
-            return _fail(f"{path} exists; use --force to overwrite")
-    text = CONFIG_TEMPLATE.format(
-        config=config, state=args.state, users=users.resolve(), socket=args.socket
-    )
+    force = args.force or args.force_users
+    if config.exists() and not force:
+        return _fail(f"{config} exists; use --force to overwrite (the users file is kept)")
+    keep_users = users.exists() and not args.force_users
+    text = _render_config(config, users, args.state, args.socket)
+    if users.exists() and not keep_users:
+        _say(f"replacing {users}: {_count_users(users)} user(s) erased (--force-users)")
+    make_dirs(config.parent, 0o700)  # every missing level, whatever the umask
     atomic_write(config, text.encode(), mode=0o600)
-    atomic_write(users, USERS_HEADER.encode(), mode=0o600)
-    print(f"wrote {config} and {users} (mode 0600)")
-    print(f"next: nfknock user add NAME --config {config}")
+    if keep_users:
+        _say(
+            f"kept the existing {users} ({_count_users(users)} user(s)); --force-users replaces it"
+        )
+        print(f"wrote {config} (mode 0600)")
+    else:
+        make_dirs(users.parent, 0o700)
+        atomic_write(users, USERS_HEADER.encode(), mode=0o600)
+        print(f"wrote {config} and {users} (mode 0600)")
+    print(f"next: nfknock user add NAME --host HOST --config {config}")
     return 0
+
+
+def _toml_string(text: str) -> str:
+    """The inside of a TOML basic string: JSON's escapes are TOML's (RFC 8259
+    section 7, TOML "Basic strings") for anything a path may hold but a lone
+    surrogate (refused before) and DEL, which JSON leaves raw and TOML forbids."""
+    return json.dumps(text, ensure_ascii=False)[1:-1].replace("\x7f", "\\u007f")
+
+
+def _render_config(config: Path, users: Path, state: str, sock: str) -> str:
+    """The commented config, refused (ConfigError) if check would refuse it."""
+    for what, value in (
+        ("--config", str(config)),
+        ("--users-file", str(users)),
+        ("--state", state),
+        ("--socket", sock),
+    ):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                config, "", f"{what} {value!r} is not UTF-8 (TOML files are)"
+            ) from None
+    text = CONFIG_TEMPLATE.format(
+        config=printable(str(config)),
+        state=_toml_string(state),
+        users=_toml_string(str(users.resolve())),
+        socket=_toml_string(sock),
+    )
+    parse_config(config, tomllib.loads(text), load_users=False)
+    return text
+
+
+def _count_users(path: Path) -> str:
+    try:
+        users = tomllib.loads(path.read_text()).get("users", {})
+    except (OSError, ValueError, RecursionError):  # ValueError: also TOML, UTF-8
+        return "an unknown number of"
+    return str(len(users)) if isinstance(users, dict) else "an unknown number of"
 
 
 def _read_users(cfg: Config) -> dict[str, Any]:
     try:
         raw = tomllib.loads(cfg.users_file.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(cfg.users_file, "", str(exc)) from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: also TOML, UTF-8
+        raise ConfigError(cfg.users_file, "", str(exc) or type(exc).__name__) from None
     users = raw.get("users", {})
     return dict(users) if isinstance(users, dict) else {}
 
@@ -265,10 +363,25 @@ def profile_text(
     return "\n".join(lines)
 
 
+def _host_problem(host: str | None) -> str | None:
+    if not host:
+        return (
+            "needs --host: the name or address clients knock, as they reach it "
+            "(this machine's own name is rarely that, and localhost never is)"
+        )
+    if any(c.isspace() or not c.isprintable() for c in host):
+        return f"--host {host!r} is not a host name or address"
+    return None
+
+
 def cmd_user(args: argparse.Namespace) -> int:
+    action, name = args.action, args.name
+    if action in ("add", "rekey"):
+        problem = _host_problem(args.host)
+        if problem:
+            return _fail(f"user {action} {problem}")
     cfg = load_config(args.config)
     users = _read_users(cfg)
-    action, name = args.action, args.name
     if action == "list":
         if not cfg.all_users:
             print("no users")
@@ -313,25 +426,27 @@ def cmd_user(args: argparse.Namespace) -> int:
         _write_users(cfg, users)
     except ConfigError as exc:
         return _fail(f"nothing changed: {exc}")
-    print(f"user {name}: {action} done ({cfg.users_file})")
+    # Status on stderr, the profile alone on stdout (`... > alice.toml` works), and
+    # the daemon told before the profile is printed: a reader that goes away
+    # (`| head`) must not leave the daemon on the old secret.
+    _say(f"user {name}: {action} done ({cfg.users_file})")
+    _say(_signal_daemon(cfg))
     if action in ("add", "rekey"):
         allowed = users[name].get("ports") or sorted(cfg.protected_ports)
-        host = args.host or socket.getfqdn()
-        profile = args.profile or host
-        print()
+        profile = args.profile if args.profile is not None else args.host
+        realm = f" --realm {shlex.quote(cfg.knock.realm)}" if cfg.knock.realm else ""
         if spa_admin.has_keys(users[name]):
-            spa_admin.print_client_setup(name, users[name], host, allowed, cfg.spa.ports, profile)
+            spa_admin.print_client_setup(
+                name, users[name], args.host, allowed, cfg.spa.ports, profile
+            )
         if {"secret", "secret_utf8"}.isdisjoint(users[name]):
-            print(_signal_daemon(cfg), file=sys.stderr)  # status on stderr
             return 0
-        print(profile_text(cfg, name, users[name], host, profile, allowed[0]))
-        print()
+        print(profile_text(cfg, name, users[name], args.host, profile, allowed[0]))
         print("# or on the command line (secret in a file only you can read):")
         print(
-            f"#   nfknock-client knock {host} --secret-file ~/.nfknock-{name} --port {allowed[0]}"
-            + (f" --realm {cfg.knock.realm}" if cfg.knock.realm else "")
+            f"#   nfknock-client knock {args.host} --secret-file ~/.nfknock-{name} "
+            f"--port {allowed[0]}{printable(realm)}"
         )
-    print(_signal_daemon(cfg))
     return 0
 
 
@@ -421,9 +536,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(cfg.log.level, cfg.log.format)
     from nfknock.daemon import Daemon
 
+    if not 0.5 <= args.rules_check_seconds <= 86400:
+        return _fail("--rules-check-seconds must be between 0.5 and 86400")
+    if not has_capability(CAP_NET_ADMIN):
+        print(
+            "nfknock run: error: this process lacks CAP_NET_ADMIN, which binding an "
+            "NFQUEUE needs: run it as root (the systemd unit keeps only that capability)",
+            file=sys.stderr,
+        )
+        return 1
     try:
-        if not 0.5 <= args.rules_check_seconds <= 86400:
-            return _fail("--rules-check-seconds must be between 0.5 and 86400")
         return Daemon(cfg, Path(args.applied), args.rules_check_seconds).run()
     except StateError as exc:
         print(
@@ -432,6 +554,33 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    except OSError as exc:
+        # netfilterqueue refuses in its constructor ("Failed to bind family 2. Are
+        # you root?") when CAP_NET_ADMIN is missing; say which it is.
+        if not has_capability(CAP_NET_ADMIN):
+            print(
+                "nfknock run: error: this process lacks CAP_NET_ADMIN, which binding an "
+                "NFQUEUE needs: run it as root (the systemd unit keeps only that "
+                f"capability) ({exc})",
+                file=sys.stderr,
+            )
+        else:
+            print(f"nfknock run: error: {exc}", file=sys.stderr)
+        return 1
+
+
+CAP_NET_ADMIN = 12  # linux/capability.h
+
+
+def has_capability(cap: int, status: Path = Path("/proc/self/status")) -> bool:
+    """Whether ``cap`` is in this process's effective set (``CapEff``, proc(5))."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True  # cannot tell: do not claim it is missing
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -443,35 +592,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"nfknock status: error: no daemon at {cfg.control_socket} ({exc})", file=sys.stderr)
         return 1
+    if not reply.get("ok", True):
+        print(f"nfknock status: error: the daemon said: {reply.get('error')}", file=sys.stderr)
+        return 1
     st = reply.get("status", {})
     if args.json:
         print(json.dumps(st, indent=1))
         return 0
-    print(f"pid {st.get('pid')}  up {st.get('uptime')}s  step {st.get('step')}")
-    print(
-        f"verdicts {st.get('verdicts')}  malformed {st.get('malformed')}  "
-        f"errors {st.get('internal_errors')}"
-    )
-    for number, q in sorted((st.get("queue") or {}).items()):
-        print(
-            f"queue {number}: waiting {q.get('waiting')}  "
-            f"queue_dropped {q.get('queue_dropped')}  user_dropped {q.get('user_dropped')}"
-        )
-    state = st.get("state") or {}
-    health = "ok" if state.get("ok") else f"ERROR {state.get('error')}"
-    print(
-        f"state {state.get('store')}: {health}"
-        f"  claims {state.get('claims')}  failures {state.get('claim_failures')}"
-        f"  pending {state.get('pending_claims')}"
-    )
-    print(f"tracked sources {st.get('tracked_sources')}")
-    for name, u in sorted((st.get("users") or {}).items()):
-        print(f"user {name}: {'enabled' if u['enabled'] else 'disabled'}, counter {u['counter']}")
-    for g in st.get("grants") or []:
-        print(
-            f"grant {g['user']} {g['source']} -> {g['destination']} ports {g['ports']} "
-            f"left {g['remaining']} until {g['expires']}"
-        )
+    for line in format_status(st if isinstance(st, dict) else {}, time.time()):
+        print(line)
     return 0
 
 

@@ -9,9 +9,9 @@ it, never rename it.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
-import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from nfknock.counters import MAX_LOOKAHEAD
+from nfknock.paths import PathKind, path_problem
 from nfknock.schemes import (
     SCHEME_NAMES,
     V1,
@@ -36,14 +37,23 @@ from nfknock.sequence import (
     parse_base32,
 )
 from nfknock.spa.keys import SpaKeys, parse_spa_keys
+from nfknock.trust import UntrustedFile, check_trusted
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # fullmatch: "$" allows "\n"
 # Schemes that may be the default for every user; weak ones are opt-in per user.
 DEFAULT_SCHEMES = ("v1", "totp-knockd-rs")
 DEFAULT_REJECT_MARK = 0x4E4B0001
+# Below these a sequence can be guessed by sweeping the knock range (check warns).
+MIN_KNOCKS = 8
+MIN_STRENGTH_BITS = 64
+# An [[allow]] network wider than this lets a large part of the internet in
+# without knocking (check warns); a /0 is refused.
+WIDE_PREFIX = {4: 8, 6: 32}
+# A config or users file larger than this is not read (100,000 users take ~10 MiB).
+MAX_FILE_BYTES = 64 << 20
 
 
 class ConfigError(Exception):
@@ -53,7 +63,14 @@ class ConfigError(Exception):
         self.file = str(file)
         self.key = key
         self.problem = problem
-        super().__init__(f"{self.file}: {key}: {problem}" if key else f"{self.file}: {problem}")
+        shown = printable(key)
+        super().__init__(f"{self.file}: {shown}: {problem}" if key else f"{self.file}: {problem}")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: a key such as ``"alice\n"`` must
+    not break (or forge) a line of the message or the log."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True)
@@ -219,6 +236,8 @@ class _Table:
             return default
         value = self.data.pop(name)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > 2**53:  # float() would round it, or overflow past 1e308
+                raise self.error(name, f"{_number(value)} is far too large")
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.error(name, f"must be {kind.__name__}, not {_kind(value)}")
@@ -227,7 +246,7 @@ class _Table:
     def int_in(self, name: str, default: int, lo: int, hi: int) -> int:
         value = self.take(name, int, default)
         if not lo <= value <= hi:
-            raise self.error(name, f"{value} is outside {lo}..{hi}")
+            raise self.error(name, f"{_number(value)} is outside {lo}..{hi}")
         return value
 
     def float_in(self, name: str, default: float, lo: float, hi: float) -> float:
@@ -255,6 +274,11 @@ class _Table:
             raise self.error(name, "unknown key")
 
 
+def _number(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"a {len(text.lstrip('-'))}-digit number"
+
+
 def _kind(value: object) -> str:
     return {
         bool: "a boolean",
@@ -269,17 +293,31 @@ def _kind(value: object) -> str:
 def _load_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(path, "", "file not found") from None
     except PermissionError:
         raise ConfigError(path, "", "permission denied") from None
     except IsADirectoryError:
         raise ConfigError(path, "", "is a directory, not a file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, "", f"invalid TOML: {exc}") from None
+    except OSError as exc:  # e.g. "/etc/passwd/x", a name too long, EIO
+        raise ConfigError(path, "", exc.strerror or str(exc)) from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise ConfigError(path, "", str(exc)) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(path, "", f"larger than {MAX_FILE_BYTES >> 20} MiB")
+    try:
+        return tomllib.loads(raw.decode())
     except UnicodeDecodeError as exc:
         raise ConfigError(path, "", f"not UTF-8 text: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"invalid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively; a few
+        # thousand "[" exhaust Python's stack (issue 15 C: 103 of 2,000 mutants).
+        raise ConfigError(path, "", "nesting too deep (arrays or inline tables)") from None
+    except ValueError:  # int(): Python refuses to convert more than 4300 digits
+        raise ConfigError(path, "", "a number with thousands of digits") from None
 
 
 def _address(table: _Table, name: str) -> IPAddress | None:
@@ -322,7 +360,35 @@ def _protect(table: _Table) -> Protect:
 
 def _allow(table: _Table) -> Allow:
     network = _network(table, "network")
+    if network.prefixlen == 0:
+        raise table.error(
+            "network",
+            f"{network} is every address: everyone would reach the protected ports "
+            "without knocking, which switches nfknock off for them. Allow your admin "
+            "network only (or remove the [[protect]] entry if the port is meant to be public)",
+        )
     return Allow(network=network, ports=table.ports("ports") or frozenset())
+
+
+def _allow_warnings(path: Path, allow: tuple[Allow, ...]) -> list[str]:
+    return [
+        f"{path}: allow[{i}].network: {a.network} holds {a.network.num_addresses:,} addresses "
+        "that reach the protected ports without knocking; is it really your admin network?"
+        for i, a in enumerate(allow)
+        if a.network.prefixlen < WIDE_PREFIX[a.network.version]
+    ]
+
+
+def _weak_sequence(key: str, length: int, choices: int, bits: float) -> str | None:
+    """The warning for a sequence an attacker can guess, or None."""
+    if length >= MIN_KNOCKS and bits >= MIN_STRENGTH_BITS:
+        return None
+    return (
+        f"{key}: {length} knock{'' if length == 1 else 's'} from {choices} ports: only "
+        f"~{bits:.0f} bits per attempt; an attacker sweeping the knock range can guess "
+        f"the sequence (use at least {MIN_KNOCKS} knocks and {MIN_STRENGTH_BITS} bits; "
+        "the default, 32 knocks from 2^15 ports, is ~480 bits)"
+    )
 
 
 def _queue(q: _Table) -> QueueConfig:
@@ -440,13 +506,13 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
     lim.finish()
 
     st = root.sub("state")
-    state_path = _resolve(path, st.take("path", str, "/var/lib/nfknock/state.db"))
+    state_path = _path(st, "path", "/var/lib/nfknock/state.db", "state")
     st.finish()
     us = root.sub("users")
-    users_file = _resolve(path, us.take("file", str, "/etc/nfknock/users.toml"))
+    users_file = _path(us, "file", "/etc/nfknock/users.toml", "file")
     us.finish()
     ct = root.sub("control")
-    control_socket = _resolve(path, ct.take("socket", str, "/run/nfknock/control.sock"))
+    control_socket = _path(ct, "socket", "/run/nfknock/control.sock", "socket")
     ct.finish()
     lg = root.sub("log")
     level = lg.take("level", str, "info")
@@ -474,45 +540,62 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
         spa=spa,
     )
     try:
-        cfg.sequence_params()
+        params = cfg.sequence_params()
     except SchemeError as exc:
         raise ConfigError(path, "knock", str(exc)) from None
+    warnings = _allow_warnings(path, allow)
+    usable = params.span - sum(1 for p in params.exclude if knock.port_min <= p <= knock.port_max)
+    bits = sum(math.log2(usable - i) for i in range(knock.length))  # distinct ports
+    weak = _weak_sequence("knock.length", knock.length, usable, bits)
+    if weak:
+        warnings.insert(0, f"{path}: {weak}")
+    users: tuple[User, ...] = ()
     if load_users:
-        users, warnings = load_users_file(users_file, cfg)
+        users, user_warnings = load_users_file(users_file, cfg)
+        warnings += user_warnings
         knockers = tuple(u for u in users if u.secret)
         spa_users = tuple(u for u in users if u.spa is not None)
         cfg = Config(
-            **{**cfg.__dict__, "users": knockers, "spa_users": spa_users, "warnings": warnings}
+            **{
+                **cfg.__dict__,
+                "users": knockers,
+                "spa_users": spa_users,
+                "warnings": tuple(warnings),
+            }
         )
-    return cfg
+        return cfg
+    return Config(**{**cfg.__dict__, "warnings": tuple(warnings)})
+
+
+def _path(table: _Table, name: str, default: str, kind: PathKind) -> Path:
+    """A configured path (relative: beside the config file), refused now if it
+    cannot work later."""
+    text = table.take(name, str, default)
+    resolved = _resolve(table.file, text)
+    problem = path_problem(text, resolved, kind)
+    if problem:
+        raise table.error(name, f"{printable(text)!r} {problem}")
+    return resolved
 
 
 def load_config(path: str | os.PathLike[str], *, load_users: bool = True) -> Config:
     p = Path(path)
+    check_file(p, secret=False)
     return parse_config(p, _load_toml(p), load_users=load_users)
 
 
-def check_private(path: Path) -> None:
-    """Refuse a secrets file that others can read or change."""
+def check_file(path: Path, *, secret: bool) -> None:
+    """Refuse a file that someone other than root (or the user running nfknock)
+    could have written -- or, holding ``secret``s, could read (see
+    :mod:`nfknock.trust`)."""
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ConfigError(path, "", "file not found") from None
-    except PermissionError:
-        raise ConfigError(path, "", "permission denied") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(path, "", "is not a regular file")
-    if st.st_mode & 0o066:
-        raise ConfigError(
-            path,
-            "",
-            f"holds secrets but has mode {stat.S_IMODE(st.st_mode):04o}; "
-            f"it must not be readable or writable by group or others (chmod 600 {path})",
-        )
+        check_trusted(path, secret=secret)
+    except UntrustedFile as exc:
+        raise ConfigError(path, "", exc.problem) from None
 
 
 def load_users_file(path: Path, cfg: Config) -> tuple[tuple[User, ...], tuple[str, ...]]:
-    check_private(path)
+    check_file(path, secret=True)
     return parse_users(path, _load_toml(path), cfg)
 
 
@@ -575,7 +658,7 @@ def parse_users(
     users = []
     warnings: list[str] = []
     for name in sorted(table.data):
-        if not USER_NAME.match(name):
+        if not USER_NAME.fullmatch(name):
             raise table.error(
                 name, "user names are 1-64 of A-Z a-z 0-9 _ . @ - (first alphanumeric)"
             )
@@ -602,6 +685,13 @@ def parse_users(
                 f"(~{scheme.strength_bits():.0f} bits per attempt); use it only to keep "
                 "existing clients"
             )
+        if isinstance(scheme, TotpKnockdRs):
+            span = scheme.port_max - scheme.port_min + 1
+            weak = _weak_sequence(
+                f"users.{name}.length", scheme.length, span, scheme.strength_bits()
+            )
+            if weak:
+                warnings.append(f"{path}: {weak}")
         if knocks and len(secret) < MIN_SECRET_BYTES:
             warnings.append(
                 f"{path}: users.{name}: the secret is {len(secret)} bytes, below v1's "

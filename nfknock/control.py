@@ -26,6 +26,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from nfknock.paths import make_dirs
+
 READ_TIMEOUT = 2.0  # a request line must arrive within this
 REPLY_TIMEOUT = 30.0  # the main loop answers within this (a reload may take a while)
 MAX_REQUEST = 4096
@@ -140,10 +142,7 @@ class ControlServer:
 def _bind(path: Path) -> socket.socket:
     if len(os.fsencode(path)) > SUN_PATH_MAX:
         raise ControlError(f"{path}: longer than {SUN_PATH_MAX} bytes (AF_UNIX limit)")
-    parent = path.parent
-    if not parent.exists():
-        parent.mkdir(parents=True, mode=0o700)
-        os.chmod(parent, 0o700)
+    make_dirs(path.parent, 0o700)  # every missing level, whatever the umask
     with contextlib.suppress(FileNotFoundError):
         mode = path.lstat().st_mode
         if not stat.S_ISSOCK(mode):

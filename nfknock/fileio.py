@@ -6,10 +6,12 @@ import contextlib
 import os
 from pathlib import Path
 
+from nfknock.paths import make_dirs
+
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` via a temporary file, fsync, rename, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent, 0o700)  # explicit: under umask 000 mkdir -p gives 0777
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:

@@ -99,7 +99,7 @@ def test_user_lifecycle(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["user", "disable", "bob", "--config", str(cfg)]) == 0
     assert not load_config(cfg).users[0].enabled
     assert main(["user", "enable", "bob", "--config", str(cfg)]) == 0
-    assert main(["user", "rekey", "bob", "--config", str(cfg)]) == 0
+    assert main(["user", "rekey", "bob", "--config", str(cfg), "--host", "198.51.100.1"]) == 0
     assert first.group(1) not in users.read_text()
     capsys.readouterr()
     assert main(["user", "list", "--config", str(cfg)]) == 0
@@ -123,12 +123,12 @@ def test_bad_user_commands_exit_2_and_change_nothing(
 ) -> None:
     users = cfg.with_name("users.toml")
     before = users.read_text()
-    assert main([*argv, "--config", str(cfg)]) == 2
+    assert main([*argv, "--config", str(cfg), "--host", "198.51.100.1"]) == 2
     assert message in capsys.readouterr().err
     assert users.read_text() == before
 
 
 def test_user_add_refuses_an_existing_name(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _add(cfg, "carol", capsys)
-    assert main(["user", "add", "carol", "--config", str(cfg)]) == 2
+    assert main(["user", "add", "carol", "--config", str(cfg), "--host", "h"]) == 2
     assert "exists" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nfknock import __version__
 from nfknock.schemes import SCHEME_NAMES, make_scheme
 from nfknock.sequence import (
     MIN_SECRET_BYTES,
@@ -126,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 opened/sent, 1 did not open, 2 usage or input error, "
         "3 resync exhausted; --exec returns the command's status",
     )
+    p.add_argument("--version", action="version", version=f"nfknock-client {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in ("knock", "sequence"):
         s = sub.add_parser(
@@ -534,11 +537,20 @@ def main(argv: list[str] | None = None, io: KnockIO | None = None) -> int:
         parser.error("--json cannot be combined with --pipe: stdout is the connection")
     code, message = EXIT_USAGE, ""
     try:
-        return cmd_knock(args, io) if args.command == "knock" else cmd_sequence(args)
+        result = cmd_knock(args, io) if args.command == "knock" else cmd_sequence(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return result
     except (ClientError, StateError) as exc:
         message = f"error: {exc}"
     except LockTimeout as exc:
         code, message = EXIT_FAILED, f"error: {exc}"
+    except BrokenPipeError:
+        # The reader of stdout went away (`... | head`): stop quietly; point stdout
+        # at /dev/null so that the interpreter's final flush cannot complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
     if getattr(args, "json", False):

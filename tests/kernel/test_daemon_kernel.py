@@ -358,8 +358,9 @@ def test_bad_config_at_reload_keeps_the_old_one_running(lab: Lab) -> None:
 
 def test_user_add_reloads_the_running_daemon_and_status_shows_it(lab: Lab) -> None:
     cfg = setup(lab)
-    out = lab.nfknock("user", "add", "carol", "--config", str(cfg), "--host", SERVER4).stdout
-    assert "the running daemon reloaded" in out
+    added = lab.nfknock("user", "add", "carol", "--config", str(cfg), "--host", SERVER4)
+    assert "the running daemon reloaded" in added.stderr  # stdout is the profile alone
+    out = added.stdout
     secret = re.search(r'secret = "([A-Z2-7]+)"', out)
     assert secret is not None
     lab.send_knocks(SERVER4, current(parse_base32(secret.group(1))))
