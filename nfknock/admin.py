@@ -232,7 +232,8 @@ def new_secret(scheme: str) -> tuple[str, str]:
 def profile_text(
     cfg: Config, name: str, entry: dict[str, Any], host: str, profile: str, port: int
 ) -> str:
-    """The client profile for one user, exactly as nfknock-client reads it."""
+    """The client profile for one user, exactly as nfknock-client reads it: the knock
+    secret and its parameters, the SPA keys, or both."""
     k = cfg.knock
     scheme = entry.get("scheme", k.scheme)
     lines = [
@@ -242,6 +243,10 @@ def profile_text(
         f"host = {json.dumps(host)}",
         f"port = {port}",
     ]
+    if spa_admin.has_keys(entry):
+        lines += spa_admin.profile_lines(entry, spa_admin.spa_port_of(cfg.spa.ports))
+    if {"secret", "secret_utf8"}.isdisjoint(entry):
+        return "\n".join(lines)
     if scheme != "v1":
         lines.append(f"scheme = {json.dumps(scheme)}")
     key = "secret_utf8" if "secret_utf8" in entry else "secret"
@@ -319,18 +324,29 @@ def cmd_user(args: argparse.Namespace) -> int:
         host = args.host or socket.getfqdn()
         profile = args.profile or host
         print()
-        if spa_admin.has_keys(users[name]):
-            spa_admin.print_client_setup(name, users[name], host, allowed, cfg.spa.ports, profile)
-        if {"secret", "secret_utf8"}.isdisjoint(users[name]):
-            print(_signal_daemon(cfg), file=sys.stderr)  # status on stderr
-            return 0
+        spa = spa_admin.has_keys(users[name])
+        knock = not {"secret", "secret_utf8"}.isdisjoint(users[name])
+        if spa:
+            spa_admin.print_client_setup(name, users[name], host, allowed, cfg.spa.ports)
+            print()
         print(profile_text(cfg, name, users[name], host, profile, allowed[0]))
         print()
-        print("# or on the command line (secret in a file only you can read):")
-        print(
-            f"#   nfknock-client knock {host} --secret-file ~/.nfknock-{name} --port {allowed[0]}"
-            + (f" --realm {cfg.knock.realm}" if cfg.knock.realm else "")
-        )
+        print("# or on the command line (secret and keys in files only you can read):")
+        if knock:
+            print(
+                f"#   nfknock-client knock {host} --secret-file ~/.nfknock-{name} "
+                f"--port {allowed[0]}" + (f" --realm {cfg.knock.realm}" if cfg.knock.realm else "")
+            )
+        if spa:
+            spa_port = spa_admin.spa_port_of(cfg.spa.ports)
+            print(
+                f"#   nfknock-client spa {host} --key-file ~/.nfknock-{name}.key "
+                f"--hmac-key-file ~/.nfknock-{name}.hmac --port {allowed[0]}"
+                + (f" --spa-port {spa_port}" if spa_port != spa_admin.DEFAULT_SPA_PORT else "")
+            )
+        if not knock:
+            print(_signal_daemon(cfg), file=sys.stderr)  # status on stderr
+            return 0
     print(_signal_daemon(cfg))
     return 0
 

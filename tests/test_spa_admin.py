@@ -70,7 +70,7 @@ def test_user_add_spa_prints_every_client_set_up_and_a_qr_code(
     assert f"KEY_BASE64          {key}" in out and f"HMAC_KEY_BASE64     {hkey}" in out
     assert "USE_HMAC            Y" in out and "SPA_SERVER_PORT     62201" in out
     assert f"--key-base64-rijndael {key}" in out and f"--key-base64-hmac {hkey}" in out
-    assert 'method = "spa"' in out and f'fwknop_key_base64 = "{key}"' in out
+    assert "spa_port = 62201" in out and f'fwknop_key_base64 = "{key}"' in out
     assert "█" in out  # the QR code, drawn in block characters
     assert qr_text(entry) == f"KEY_BASE64:{key} HMAC_KEY_BASE64:{hkey}"
 
