@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python -m bench            # everything (about 15 minutes)
     sudo .venv/bin/python -m bench --smoke    # tiny sizes: proves the harness runs (CI)
-    sudo .venv/bin/python -m bench engine     # the sans-IO engine only (no root needed)
+    sudo .venv/bin/python -m bench engine     # the sans-IO engine and SPA verifier (no root)
 
 Writes bench/results/bench.json and bench/results/bench.md.  Every figure is
 measured in the same run as its baseline; see bench/README.md.
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import engine
+from bench import engine, spa_verify
 
 
 def machine() -> dict[str, Any]:
@@ -44,11 +44,13 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "engine": {"user_counts": (1, 1000, 10000), "n": 200_000, "repeats": 3},
         "throughput": {"user_counts": (1, 1000, 10000), "seconds": 3.0},
         "latency": {"n": 2000},
+        "spa_verify": {"user_counts": (1, 100, 1000), "seconds": 0.5},
         "knock": {"runs": 100, "systems": ("nfknock", "knockd", "fwknop")},
+        "spa": {"runs": 100, "systems": ("nfknock_spa", "fwknop_nfknock", "fwknop_fwknopd")},
         "attack": {
             "attempts": 50,
             "fractions": {"50pct": 0.5, "100pct": 1.0},
-            "systems": ("nfknock", "knockd", "fwknop"),
+            "systems": ("nfknock", "knockd", "fwknop", "nfknock_spa", "fwknop_nfknock"),
         },
         "memory": {"sources": 1_000_000},
     },
@@ -56,8 +58,14 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "engine": {"user_counts": (1, 100), "n": 5_000, "repeats": 1},
         "throughput": {"user_counts": (1,), "seconds": 1.0},
         "latency": {"n": 50},
+        "spa_verify": {"user_counts": (1, 10), "seconds": 0.05},
         "knock": {"runs": 3, "systems": ("nfknock", "knockd")},
-        "attack": {"attempts": 3, "fractions": {"50pct": 0.5}, "systems": ("nfknock",)},
+        "spa": {"runs": 3, "systems": ("nfknock_spa", "fwknop_nfknock")},
+        "attack": {
+            "attempts": 3,
+            "fractions": {"50pct": 0.5},
+            "systems": ("nfknock", "nfknock_spa"),
+        },
         "memory": {"sources": 20_000},
     },
 }
@@ -71,6 +79,13 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     if "engine" in res:
         lines += ["", "#### Engine alone (sans-IO, no kernel)", "", engine.table(res["engine"])]
+    if "spa_verify" in res:
+        lines += [
+            "",
+            "#### SPA verification alone (in process, one thread): payloads per second",
+            "",
+            spa_verify.table(res["spa_verify"]),
+        ]
     if "throughput" in res:
         t = res["throughput"]
         bare = t["bare_python"]
@@ -137,10 +152,33 @@ def markdown(res: dict[str, Any]) -> str:
                 )
             elif r:
                 lines.append(f"| {system} | {r.get('skipped')} | | | |")
+    if "spa_to_open" in res:
+        sp = res["spa_to_open"]
+        lines += [
+            "",
+            "#### SPA to open: one packet to established connection (ms)",
+            "",
+            "| client -> server | runs | median | p95 | failures |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        names = {
+            "nfknock_spa": "nfknock-client spa (in-process) -> nfknock",
+            "fwknop_nfknock": "fwknop -> nfknock",
+            "fwknop_fwknopd": "fwknop -> fwknopd",
+        }
+        for system, label in names.items():
+            r = sp.get(system)
+            if r and "median" in r:
+                lines.append(
+                    f"| {label} | {r['n']} | {r['median']} | {r['p95']} | {r['failures']} |"
+                )
+            elif r:
+                lines.append(f"| {label} | {r.get('skipped')} | | | |")
     if "attack" in res:
         lines += [
             "",
-            "#### Legitimate knock-and-connect during a spoofed SYN flood",
+            "#### Legitimate knock-and-connect (or SPA-and-connect) during a spoofed SYN "
+            "flood to the knock range",
             "",
             "| system, flood rate | SYN/s | success |",
             "|---|---:|---:|",
@@ -173,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("all", "engine"):
         res["engine"] = engine.run(**sizes["engine"])
         print(engine.table(res["engine"]), flush=True)
+        res["spa_verify"] = spa_verify.run(**sizes["spa_verify"])
+        print(spa_verify.table(res["spa_verify"]), flush=True)
     if args.what in ("all", "kernel"):
         from bench import kernel
         from nfknock.netlab import can_run
@@ -192,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("== knock to open", flush=True)
                 res["knock_to_open"] = kernel.knock_to_open(b, **sizes["knock"])
                 print(json.dumps(res["knock_to_open"]), flush=True)
+                print("== SPA to open", flush=True)
+                res["spa_to_open"] = kernel.spa_to_open(b, **sizes["spa"])
+                print(json.dumps(res["spa_to_open"]), flush=True)
                 print("== under attack", flush=True)
                 top = res["throughput"]["nfknock_1_users"]["handled_pps"]
                 atk = sizes["attack"]

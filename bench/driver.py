@@ -8,7 +8,9 @@ connection to the protected port.  Systems:
 * ``nfknock``: the client library in-process (knocks via connect(), then connect;
   a reset means "behind": advance the counter and knock again, as nfknock-client);
 * ``knockd``: knockd's own ``knock`` client with the same 32 ports, then connect;
-* ``fwknop``: ``fwknop`` (SPA, HMAC), then connect.
+* ``fwknop``: ``fwknop`` (SPA, HMAC), then connect -- against fwknopd or nfknock;
+* ``nfknock-spa``: nfknock-client's SPA packet built and sent in-process (the
+  same encoder and UDP send as ``nfknock-client spa``), then connect.
 
 Connecting: a new non-blocking connect() every 2 ms, all kept open, until one is
 established or ``--timeout``: a SYN the filter drops costs nothing, and the first
@@ -18,6 +20,7 @@ SYN the filter lets through completes however long its verdict took.
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
 import json
 import resource
@@ -29,7 +32,9 @@ import time
 
 from nfknock.schemes import make_scheme, step_for
 from nfknock.sequence import parse_base32
+from nfknock.spa.encode import ClientKeys, encode_access
 from nfknock_client.knock import send_connect_knocks
+from nfknock_client.spa import send_udp
 
 ATTEMPT_EVERY = 0.002
 
@@ -62,12 +67,15 @@ def connect_until(address: str, port: int, deadline: float) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("system", choices=["nfknock", "knockd", "fwknop"])
+    ap.add_argument("system", choices=["nfknock", "knockd", "fwknop", "nfknock-spa"])
     ap.add_argument("address")
     ap.add_argument("--port", type=int, default=22)
     ap.add_argument("--secret-base32", default="")
     ap.add_argument("--static-ports", default="", help="knockd: P,P,...")
     ap.add_argument("--fwknop-args", default="", help="fwknop: its command line")
+    ap.add_argument("--spa-key-base64", default="", help="nfknock-spa: KEY_BASE64")
+    ap.add_argument("--spa-hmac-key-base64", default="", help="nfknock-spa: HMAC_KEY_BASE64")
+    ap.add_argument("--spa-port", type=int, default=62201)
     ap.add_argument("--timeout", type=float, default=3.0)
     ap.add_argument("--pace-ms", type=float, default=0.2, help="nfknock-client's default")
     args = ap.parse_args()
@@ -75,6 +83,9 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     scheme = make_scheme("v1", exclude=frozenset({args.port}))
     secret = parse_base32(args.secret_base32) if args.secret_base32 else b""
+    spa_keys = ClientKeys(
+        base64.b64decode(args.spa_key_base64), base64.b64decode(args.spa_hmac_key_base64)
+    )
     counters: dict[int, int] = {}
     for _line in sys.stdin:
         # The door must be closed before the run, or the run proves nothing.
@@ -94,6 +105,10 @@ def main() -> int:
                 result = connect_until(args.address, args.port, deadline)
                 if result != "reset":
                     break
+        elif args.system == "nfknock-spa":
+            payload = encode_access(spa_keys, username="bench", timestamp=int(time.time()))
+            send_udp(socket.AF_INET, args.address, args.spa_port, payload)
+            result = connect_until(args.address, args.port, deadline)
         elif args.system == "knockd":
             subprocess.run(["knock", args.address, *args.static_ports.split(",")], check=True)
             result = connect_until(args.address, args.port, deadline)

@@ -15,6 +15,7 @@ import signal
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ SENDER_CPU, FILTER_CPU = "0", "1"
 KNOCK_RANGE = "1024-33791"
 # The floods go to the knock range, which the rules send to the knock queue.
 FLOOD_QUEUE = QueueConfig().knock_number
+FWKNOP_KEY = "aGVsbG8gbmZrbm9jayBiZW5jaG1hcmsgU1BBIGtleSE="
+FWKNOP_HMAC = "bmZrbm9jayBiZW5jaCBITUFDIGtleSBmb3IgZndrbm9wIHNwYSB0ZXN0cyEhISE="
+SPA_LIMITS = {"rate_per_source": 1000, "rate_burst": 1000}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -88,22 +92,35 @@ class Bench:
             self.lab.sh(self.lab.server, tool, "-F")
             self.lab.sh(self.lab.server, tool, "-X")
 
-    def nfknock_config(self, users: int, **door: Any) -> Path:
+    def nfknock_config(self, users: int, spa: bool = False, **door: Any) -> Path:
+        """``spa``: alice also gets fwknop keys (FWKNOP_KEY, FWKNOP_HMAC), and the
+        per-source SPA limit is raised so the benchmark's one client, sending a
+        packet per run, is never cut by it (the limits are tested in tests/kernel)."""
         secrets = {"alice": self.secret}
         for i in range(1, users):
             secrets[f"u{i}"] = os.urandom(32)
+        extra: dict[str, Any] = {"spa": SPA_LIMITS} if spa else {}
         cfg = self.lab.write_config(
-            secrets, log={"level": "info", "format": "json"}, door=door or {}
+            secrets, log={"level": "info", "format": "json"}, door=door or {}, **extra
         )
+        if spa:
+            users_file = self.workdir / "users.toml"
+            users_file.write_text(
+                users_file.read_text().replace(
+                    "[users.alice]\n",
+                    f'[users.alice]\nfwknop_key_base64 = "{FWKNOP_KEY}"\n'
+                    f'fwknop_hmac_key_base64 = "{FWKNOP_HMAC}"\n',
+                )
+            )
         return cfg
 
-    def start_nfknock(self, users: int = 1, **door: Any) -> Path:
+    def start_nfknock(self, users: int = 1, spa: bool = False, **door: Any) -> Path:
         self.stop_filter()
         self.reset_firewall()
         # A fresh daemon per phase: no counters or grants carried over from the last.
         for name in ("state.db", "state.db-wal", "state.db-shm"):
             (self.workdir / name).unlink(missing_ok=True)
-        cfg = self.nfknock_config(users, **door)
+        cfg = self.nfknock_config(users, spa, **door)
         self.lab.install_rules(cfg)
         self.filter = self.lab.start_daemon(cfg, wait=120, cpu=FILTER_CPU)
         return cfg
@@ -528,10 +545,6 @@ def knockd_reset(b: Bench) -> None:
         pass
 
 
-FWKNOP_KEY = "aGVsbG8gbmZrbm9jayBiZW5jaG1hcmsgU1BBIGtleSE="
-FWKNOP_HMAC = "bmZrbm9jayBiZW5jaCBITUFDIGtleSBmb3IgZndrbm9wIHNwYSB0ZXN0cyEhISE="
-
-
 def start_fwknopd(b: Bench) -> list[str]:
     srv = _closed_ssh(b)
     d = b.workdir / "fwknop"
@@ -560,6 +573,13 @@ def start_fwknopd(b: Bench) -> list[str]:
         log=b.workdir / "fwknopd.out",
     )
     time.sleep(1.5)
+    return fwknop_client_argv(b)
+
+
+def fwknop_client_argv(b: Bench) -> list[str]:
+    """The real fwknop client's command line (the same for fwknopd and nfknock)."""
+    d = b.workdir / "fwknop"
+    d.mkdir(exist_ok=True)
     return [
         "fwknop",
         "-A",
@@ -584,6 +604,27 @@ def fwknop_reset(b: Bench) -> None:
     b.lab.sh(b.lab.server, "iptables", "-F", "FWKNOP_INPUT", check=False)
 
 
+def _timed_runs(
+    b: Bench, drv: subprocess.Popen[str], reset: Callable[[Bench], None] | None, runs: int
+) -> dict[str, Any]:
+    """``runs`` timed openings through one driver; the door reset before each."""
+    times, failures, invalid = [], 0, 0
+    try:
+        for _ in range(runs):
+            if reset is not None:
+                reset(b)
+            r = _run_once(drv)
+            if r["result"] == "already-open":
+                invalid += 1  # the reset did not close the door: not a measurement
+            elif r["ok"]:
+                times.append(r["ms"])
+            else:
+                failures += 1
+    finally:
+        _close(drv)
+    return {**summary(times), "failures": failures, "invalid_runs": invalid}
+
+
 def knock_to_open(b: Bench, runs: int, systems: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for system in systems:
@@ -605,21 +646,7 @@ def knock_to_open(b: Bench, runs: int, systems: tuple[str, ...]) -> dict[str, An
             argv = start_fwknopd(b)
             drv = b.driver("fwknop", "--fwknop-args", " ".join(argv))
             reset = fwknop_reset
-        times, failures, invalid = [], 0, 0
-        try:
-            for _ in range(runs):
-                if reset is not None:
-                    reset(b)
-                r = _run_once(drv)
-                if r["result"] == "already-open":
-                    invalid += 1  # the reset did not close the door: not a measurement
-                elif r["ok"]:
-                    times.append(r["ms"])
-                else:
-                    failures += 1
-        finally:
-            _close(drv)
-        out[system] = {**summary(times), "failures": failures, "invalid_runs": invalid}
+        out[system] = _timed_runs(b, drv, reset, runs)
     b.stop_filter()
     if "nfknock" in out and out["nfknock"].get("median"):
         for other in ("knockd", "fwknop"):
@@ -627,6 +654,53 @@ def knock_to_open(b: Bench, runs: int, systems: tuple[str, ...]) -> dict[str, An
                 out[f"nfknock_vs_{other}"] = round(
                     out["nfknock"]["median"] / out[other]["median"], 3
                 )
+    return out
+
+
+# --- 3b. SPA to open ------------------------------------------------------------------
+
+SPA_SYSTEMS = ("nfknock_spa", "fwknop_nfknock", "fwknop_fwknopd")
+
+
+def _spa_driver(
+    b: Bench, system: str, *extra: str
+) -> tuple[subprocess.Popen[str], Callable[[Bench], None] | None] | None:
+    """Start the server side of ``system`` and its driver; None if a tool is missing.
+
+    ``nfknock_spa``: nfknock-client's packet (in-process) to nfknock;
+    ``fwknop_nfknock``: the real fwknop client to nfknock; ``fwknop_fwknopd``: the
+    real client to the real fwknopd (pcap, then an iptables rule per opening)."""
+    if system != "nfknock_spa" and shutil.which("fwknop") is None:
+        return None
+    if system == "fwknop_fwknopd":
+        if shutil.which("fwknopd") is None:
+            return None
+        argv = start_fwknopd(b)
+        return b.driver("fwknop", "--fwknop-args", " ".join(argv), *extra), fwknop_reset
+    b.start_nfknock(1, spa=True)
+    if system == "nfknock_spa":
+        keys = ("--spa-key-base64", FWKNOP_KEY, "--spa-hmac-key-base64", FWKNOP_HMAC)
+        return b.driver("nfknock-spa", *keys, *extra), None
+    argv = fwknop_client_argv(b)
+    return b.driver("fwknop", "--fwknop-args", " ".join(argv), *extra), None
+
+
+def spa_to_open(b: Bench, runs: int, systems: tuple[str, ...] = SPA_SYSTEMS) -> dict[str, Any]:
+    """One SPA packet to an established connection to port 22, ms: our client and
+    the real fwknop client against nfknock, the real client against fwknopd."""
+    out: dict[str, Any] = {}
+    for system in systems:
+        started = _spa_driver(b, system)
+        if started is None:
+            out[system] = {"skipped": "fwknop-client/fwknop-server are not installed"}
+            continue
+        drv, reset = started
+        out[system] = _timed_runs(b, drv, reset, runs)
+    b.stop_filter()
+    base = out.get("fwknop_fwknopd", {}).get("median")
+    for system in ("nfknock_spa", "fwknop_nfknock"):
+        if base and out.get(system, {}).get("median"):
+            out[f"{system}_vs_fwknopd"] = round(out[system]["median"] / base, 3)
     return out
 
 
@@ -645,6 +719,11 @@ def under_attack(
                     "nfknock", "--secret-base32", format_base32(b.secret), "--timeout", "2"
                 )
                 reset = None
+            elif system in SPA_SYSTEMS:
+                started = _spa_driver(b, system, "--timeout", "2")
+                if started is None:
+                    continue
+                drv, reset = started
             elif system == "knockd":
                 if shutil.which("knockd") is None:
                     continue

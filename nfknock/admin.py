@@ -330,7 +330,8 @@ def new_secret(scheme: str) -> tuple[str, str]:
 def profile_text(
     cfg: Config, name: str, entry: dict[str, Any], host: str, profile: str, port: int
 ) -> str:
-    """The client profile for one user, exactly as nfknock-client reads it."""
+    """The client profile for one user, exactly as nfknock-client reads it: the knock
+    secret and its parameters, the SPA keys, or both."""
     k = cfg.knock
     scheme = entry.get("scheme", k.scheme)
     lines = [
@@ -340,6 +341,10 @@ def profile_text(
         f"host = {json.dumps(host)}",
         f"port = {port}",
     ]
+    if spa_admin.has_keys(entry):
+        lines += spa_admin.profile_lines(entry, spa_admin.spa_port_of(cfg.spa.ports))
+    if {"secret", "secret_utf8"}.isdisjoint(entry):
+        return "\n".join(lines)
     if scheme != "v1":
         lines.append(f"scheme = {json.dumps(scheme)}")
     key = "secret_utf8" if "secret_utf8" in entry else "secret"
@@ -434,19 +439,29 @@ def cmd_user(args: argparse.Namespace) -> int:
     if action in ("add", "rekey"):
         allowed = users[name].get("ports") or sorted(cfg.protected_ports)
         profile = args.profile if args.profile is not None else args.host
-        realm = f" --realm {shlex.quote(cfg.knock.realm)}" if cfg.knock.realm else ""
-        if spa_admin.has_keys(users[name]):
+        spa = spa_admin.has_keys(users[name])
+        knock = not {"secret", "secret_utf8"}.isdisjoint(users[name])
+        if spa:
+            # The fwknop set-ups and the QR code go to the terminal (stderr): stdout
+            # stays the nfknock-client profile alone (`> alice.toml` works).
             spa_admin.print_client_setup(
-                name, users[name], args.host, allowed, cfg.spa.ports, profile
+                name, users[name], args.host, allowed, cfg.spa.ports, out=sys.stderr
             )
-        if {"secret", "secret_utf8"}.isdisjoint(users[name]):
-            return 0
         print(profile_text(cfg, name, users[name], args.host, profile, allowed[0]))
-        print("# or on the command line (secret in a file only you can read):")
-        print(
-            f"#   nfknock-client knock {args.host} --secret-file ~/.nfknock-{name} "
-            f"--port {allowed[0]}{printable(realm)}"
-        )
+        print("# or on the command line (secret and keys in files only you can read):")
+        if knock:
+            realm = f" --realm {shlex.quote(cfg.knock.realm)}" if cfg.knock.realm else ""
+            print(
+                f"#   nfknock-client knock {args.host} --secret-file ~/.nfknock-{name} "
+                f"--port {allowed[0]}{printable(realm)}"
+            )
+        if spa:
+            spa_port = spa_admin.spa_port_of(cfg.spa.ports)
+            print(
+                f"#   nfknock-client spa {args.host} --key-file ~/.nfknock-{name}.key "
+                f"--hmac-key-file ~/.nfknock-{name}.hmac --port {allowed[0]}"
+                + (f" --spa-port {spa_port}" if spa_port != spa_admin.DEFAULT_SPA_PORT else "")
+            )
     return 0
 
 

@@ -9,6 +9,7 @@ not a well-formed first SYN raises :class:`MalformedPacket` with a machine-reada
 from __future__ import annotations
 
 PROTO_TCP = 6
+PROTO_UDP = 17
 # IPv6 extension headers that may precede TCP (RFC 8200 section 4.1).
 _EXT_HOP_BY_HOP = 0
 _EXT_ROUTING = 43
@@ -76,6 +77,9 @@ def parse_key(data: bytes) -> tuple[bytes, int]:
                 if frag & 0xFFF9:  # offset != 0 or more fragments
                     raise MalformedPacket("fragment")
                 nxt, off = data[off], off + 8
+            elif nxt == PROTO_UDP:
+                # As for IPv4: the caller routes "not-tcp" to the SPA parser.
+                raise MalformedPacket("not-tcp")
             else:
                 raise MalformedPacket("extension-chain")
         else:

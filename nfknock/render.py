@@ -24,9 +24,12 @@ Order inside each chain -- the order is the security argument:
 4. Packets carrying nfknock's reject mark get a TCP reset.  The daemon's REJECT is
    ``set_mark`` + ``repeat()``, which re-runs the hook, so this rule must come before
    every queue rule (else a repeated packet would be queued again, forever).
-5. SPA (``[spa] ports``, only when set): UDP datagrams and new TCP SYNs (fwknop's
+5. SPA (``[spa] ports``, only when set): UDP datagrams and TCP SYNs (fwknop's
    ``-P tcpraw`` puts the payload in a SYN) go to ``NFKNOCK-SPA``; any other TCP to
-   those ports is dropped.  ``NFKNOCK-SPA`` drops above the per-source rate first
+   those ports is dropped.  The SYN rule has no conntrack state match: fwknop 2.6.10's
+   ``tcpraw`` SYN carries a TCP checksum of zero, which conntrack marks INVALID (not
+   NEW), and nothing to an SPA port is ever accepted, so no state but "new" or
+   "invalid" can occur there.  ``NFKNOCK-SPA`` drops above the per-source rate first
    (IPv4 per address, IPv6 per /64: one source can only spend its own budget, never
    the global one), then above the global rate (the bound on what SPA can put on the
    priority queue, whatever the number of sources), and queues the rest to the
@@ -193,8 +196,7 @@ def render_iptables(cfg: Config, family: int) -> str:
             for ports in spa_ports:
                 rules += [
                     f"-p udp {d}-m multiport --dports {ports} -j {SPA_CHAIN}",
-                    f"-p tcp {d}-m multiport --dports {ports} {SYN_ONLY} "
-                    f"-m conntrack --ctstate NEW -j {SPA_CHAIN}",
+                    f"-p tcp {d}-m multiport --dports {ports} {SYN_ONLY} -j {SPA_CHAIN}",
                     f"-p tcp {d}-m multiport --dports {ports} -j DROP",
                 ]
         for t in hook_targets:
@@ -308,7 +310,7 @@ def render_nftables(cfg: Config) -> str:
             for t in hook_targets:
                 out += [
                     f"\t\t{dst(t)}udp dport {spa} jump spa",
-                    f"\t\t{dst(t)}tcp dport {spa} {syn} ct state new jump spa",
+                    f"\t\t{dst(t)}tcp dport {spa} {syn} jump spa",
                     f"\t\t{dst(t)}tcp dport {spa} drop",
                 ]
         for t in hook_targets:

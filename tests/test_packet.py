@@ -39,6 +39,13 @@ def test_ipv6_atomic_fragment_parses() -> None:
     assert parse_syn(pkt)[2] == 7000
 
 
+_UDP = struct.pack("!HHHH", 40000, 62201, 16, 0) + b"payload!"
+UDP6 = struct.pack("!IHBB16s16s", 6 << 28, len(_UDP), 17, 64, S6, D6) + _UDP
+UDP6_BEHIND_HOP_BY_HOP = (
+    struct.pack("!IHBB16s16s", 6 << 28, 8 + len(_UDP), 0, 64, S6, D6) + b"\x11\x00" + PAD6 + _UDP
+)
+
+
 @pytest.mark.parametrize(
     ("packet", "reason"),
     [
@@ -54,6 +61,8 @@ def test_ipv6_atomic_fragment_parses() -> None:
         (b"\x20" + b"\x00" * 60, "not-ip"),
         (v6(S6, D6, [(60, PAD6)] * 9, tcp_syn(S6, D6, 5000)), "extension-chain"),
         (v6(S6, D6, [(253, PAD6)], tcp_syn(S6, D6, 5000)), "extension-chain"),
+        (UDP6, "not-tcp"),  # an SPA datagram: the daemon hands it to the SPA parser
+        (UDP6_BEHIND_HOP_BY_HOP, "not-tcp"),
         (v6(S6, D6, [(44, b"\x00\x01\x00\x00\x00\x02")], tcp_syn(S6, D6, 5000)), "fragment"),
         (v6(S6, D6, [], tcp_syn(S6, D6, 5000))[:50], "truncated"),
         (struct.pack("!IHBB16s16s", 6 << 28, 2, 60, 64, S6, D6) + b"\x06\x05", "truncated"),

@@ -224,14 +224,15 @@ def test_spa_chain_drops_per_source_then_global_then_queues() -> None:
     assert "--hashlimit-srcmask 64" in rules6[0]  # an IPv6 source is its /64
 
 
-def test_spa_ports_take_udp_and_new_syns_and_drop_other_tcp_in_input_and_forward() -> None:
+def test_spa_ports_take_udp_and_syns_of_any_conntrack_state_and_drop_other_tcp() -> None:
+    """Any state: fwknop's -P tcpraw SYN has a zero TCP checksum (conntrack: INVALID)."""
     text = render_iptables(_config(BALANCED_CONFIG), 4)
     for d in ("", "-d 198.51.100.20 "):
         for chain in ("NFKNOCK-INPUT",) if not d else ("NFKNOCK-FORWARD",):
             assert f"-A {chain} -p udp {d}-m multiport --dports 40000,62201 -j NFKNOCK-SPA" in text
             assert (
                 f"-A {chain} -p tcp {d}-m multiport --dports 40000,62201 --tcp-flags "
-                "SYN,ACK,FIN,RST SYN -m conntrack --ctstate NEW -j NFKNOCK-SPA"
+                "SYN,ACK,FIN,RST SYN -j NFKNOCK-SPA"
             ) in text
             assert f"-A {chain} -p tcp {d}-m multiport --dports 40000,62201 -j DROP" in text
 

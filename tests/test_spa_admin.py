@@ -29,10 +29,14 @@ def cfg(tmp_path: Path) -> Path:
 
 
 def add_spa(cfg: Path, capsys: pytest.CaptureFixture[str], name: str = "alice") -> str:
+    """What ``user add --spa`` shows: stdout is the client profile alone (valid TOML,
+    so ``> alice.toml`` works); the fwknop set-ups and the QR go to the terminal."""
     capsys.readouterr()
     argv = ["user", "add", name, "--spa", "--host", "198.51.100.1", "--config", str(cfg)]
     assert main(argv) == 0
-    return capsys.readouterr().out
+    out, err = capsys.readouterr()
+    tomllib.loads(out)  # the profile alone: parses as TOML
+    return out + err
 
 
 def users(cfg: Path) -> dict[str, dict[str, object]]:
@@ -70,7 +74,7 @@ def test_user_add_spa_prints_every_client_set_up_and_a_qr_code(
     assert f"KEY_BASE64          {key}" in out and f"HMAC_KEY_BASE64     {hkey}" in out
     assert "USE_HMAC            Y" in out and "SPA_SERVER_PORT     62201" in out
     assert f"--key-base64-rijndael {key}" in out and f"--key-base64-hmac {hkey}" in out
-    assert 'method = "spa"' in out and f'fwknop_key_base64 = "{key}"' in out
+    assert "spa_port = 62201" in out and f'fwknop_key_base64 = "{key}"' in out
     assert "█" in out  # the QR code, drawn in block characters
     assert qr_text(entry) == f"KEY_BASE64:{key} HMAC_KEY_BASE64:{hkey}"
 

@@ -45,6 +45,15 @@ def test_a_cache_full_of_live_entries_refuses_instead_of_forgetting() -> None:
     assert D1 not in cache and D2 in cache
 
 
+def test_a_packet_from_the_future_is_kept_until_its_own_window_closes() -> None:
+    cache = ReplayCache(2, 10)
+    assert cache.claim(D1, T, good_until=T + 1000) is Claim.FRESH
+    assert cache.claim(D2, T) is Claim.FRESH
+    assert cache.claim(D3, T + 10) is Claim.FRESH  # D2 expired: it did not wait for D1
+    assert cache.claim(D1, T + 999) is Claim.REPLAY
+    assert not cache.seen(D1, T + 1000) and cache.expire(T + 1000) == 2
+
+
 def test_expire_forgets_only_what_has_expired() -> None:
     cache = ReplayCache(16, 10)
     cache.claim(D1, T)

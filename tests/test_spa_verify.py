@@ -215,6 +215,16 @@ def test_an_authenticated_packet_refused_later_is_still_recorded() -> None:
     assert v.verify(SRC, DST, p, NOW, replay=cache).code == R.REPLAY
 
 
+def test_a_packet_from_the_future_is_still_a_replay_when_its_window_comes() -> None:
+    """Stamped 200 s ahead, it is refused now but good from 80 s to 320 s from now:
+    remembering it only 2 x max_age + 1 s (241 s) would let a sniffed copy in after."""
+    v, cache = verifier(), ReplayCache.for_max_age(1024, 120)
+    p = packet(timestamp=NOW + 200, allow_ip="0.0.0.0")
+    assert v.verify(SRC, DST, p, NOW, replay=cache).code == R.FROM_FUTURE
+    for later in (100, 250, 320):
+        assert v.verify(SRC2, DST, p, NOW + later, replay=cache).code == R.REPLAY, later
+
+
 def test_unauthenticated_packets_never_reach_the_replay_cache() -> None:
     v, cache = verifier(), ReplayCache(1024, 241)
     assert v.verify(SRC, DST, packet(client(hmac_key=OTHER_KEY)), NOW, replay=cache).code == (

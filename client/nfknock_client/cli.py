@@ -1,4 +1,8 @@
-"""``nfknock-client``: knock, check the door, pipe, exec.
+"""``nfknock-client``: knock or send an SPA packet, check the door, pipe, exec.
+
+``spa`` sends one fwknop-format packet (:mod:`nfknock_client.spa`) instead of 32
+knocks; it has no counters, and ``--check``/``--pipe`` retry with a fresh packet
+(``--tries``) under the same per-profile lock.
 
 Which counter each knock uses is :mod:`nfknock_client.counters` (its docstring is
 the algorithm); the state file and the per-profile lock are
@@ -8,12 +12,13 @@ was reset, or every immediate retry timed out; plain ``knock``/``--exec``: the l
 knock left -- and lets it go while it waits for the next step.  The relay of
 ``--pipe`` and the command of ``--exec`` run without it.
 
-Exit codes (stable, for scripts):
-  0  opened (or, without --check, knocks sent)
+Exit codes (stable, for scripts; the same for ``knock`` and ``spa``):
+  0  opened (or, without --check, knocks / the SPA packet sent)
   1  the door did not open (no answer in two steps: wrong secret, realm, clock,
-     firewall), the connection failed, or another invocation held the lock too long
-  2  usage, profile, secret, host, state-file or stdin/stdout error
-  3  resync exhausted (the server kept answering "behind")
+     firewall; SPA: no answer to --tries packets, or a reset), the connection
+     failed, or another invocation held the lock too long
+  2  usage, profile, secret, key, host, state-file or stdin/stdout error
+  3  resync exhausted (the server kept answering "behind"; knock only)
 ``--exec`` returns the command's own status.
 """
 
@@ -28,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,16 @@ from nfknock.sequence import (
     parse_port_list,
     parse_port_range,
 )
+from nfknock.spa.crypto import (
+    DEFAULT_HMAC_DIGEST,
+    DEFAULT_MODE,
+    HMAC_DIGESTS,
+    MAX_HMAC_KEY_BYTES,
+    MAX_KEY_BYTES,
+    MODES,
+)
+from nfknock.spa.encode import ClientKeys
+from nfknock.spa.message import MAX_CLIENT_TIMEOUT, valid_username
 from nfknock_client.counters import (
     MAX_HOTP_COUNTER,
     MAX_STEP_COUNTER,
@@ -68,6 +83,19 @@ from nfknock_client.profile import (
     read_secret_file,
     xdg_dir,
 )
+from nfknock_client.spa import (
+    DEFAULT_SPA_PORT,
+    UNSPECIFIED,
+    SpaTarget,
+    allow_ip_for,
+    build_packet,
+    check_keys,
+    load_spa_profile,
+    read_key_file,
+    save_packet,
+    send_raw_syn,
+    send_udp,
+)
 from nfknock_client.state import LockTimeout, StateError, StateStore
 
 __all__ = ["ClientError", "Target", "config_path", "load_profile", "main", "state_path"]
@@ -77,14 +105,20 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_RESYNC = 3
 DEFAULT_LOCK_WAIT = 60.0
+DEFAULT_SPA_TRIES = 3
 
-CHECK_SPENT = (
-    "the check itself used one connection of the grant: with the server's default "
-    "max_connections = 1 that was the only one, and a new connection will time out. "
-    "To connect, knock again without --check and connect within the open time, or "
-    "use --pipe (ssh -o ProxyCommand='nfknock-client knock --pipe ...'), where the "
-    "checked connection is the session"
-)
+
+def check_spent(command: str = "knock", verb: str = "knock again") -> str:
+    return (
+        "the check itself used one connection of the grant: with the server's default "
+        "max_connections = 1 that was the only one, and a new connection will time out. "
+        f"To connect, {verb} without --check and connect within the open time, or "
+        f"use --pipe (ssh -o ProxyCommand='nfknock-client {command} --pipe ...'), where "
+        "the checked connection is the session"
+    )
+
+
+CHECK_SPENT = check_spent()
 
 
 def state_dir() -> Path:
@@ -270,7 +304,180 @@ def _parser() -> argparse.ArgumentParser:
             help="probe the protected port and retry until it opens (spends one "
             "connection of the grant; default: no probe)",
         )
+    _spa_parser(sub)
     return p
+
+
+def _int_in(lo: int, hi: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{what} must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _spa_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "spa",
+        help="send an fwknop SPA packet (and check, pipe or exec)",
+        description="Send one Single Packet Authorization packet in fwknop's format to "
+        "HOST and open its protected port (nfknock, or any fwknopd).",
+        epilog="exit codes: 0 opened/sent, 1 did not open, 2 usage or input error; "
+        "--exec returns the command's status",
+    )
+    s.add_argument("host", nargs="?", help="address or name (default: the profile's host)")
+    s.add_argument(
+        "--profile", help="profile NAME from client.toml (default: none, use the options)"
+    )
+    s.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="client.toml to read profiles from (default: "
+        "$XDG_CONFIG_HOME/nfknock/client.toml or ~/.config/nfknock/client.toml)",
+    )
+    s.add_argument(
+        "--key-file",
+        type=Path,
+        help="file holding the base64 encryption key (KEY_BASE64), mode 0600 (default: "
+        "the profile's; required without --profile)",
+    )
+    s.add_argument(
+        "--hmac-key-file",
+        type=Path,
+        help="file holding the base64 HMAC key (HMAC_KEY_BASE64), mode 0600 (default: "
+        "the profile's; required without --profile)",
+    )
+    s.add_argument(
+        "--hmac-digest",
+        choices=list(HMAC_DIGESTS),
+        default=None,
+        help=f"HMAC digest, as the server's user has it (default: the profile's, else "
+        f"{DEFAULT_HMAC_DIGEST})",
+    )
+    s.add_argument(
+        "--mode",
+        choices=[m for m in MODES if m != "legacy"],
+        default=None,
+        help=f"encryption mode, as the server's user has it (default: the profile's, else "
+        f"{DEFAULT_MODE})",
+    )
+    who = s.add_mutually_exclusive_group()
+    who.add_argument(
+        "--allow-ip",
+        metavar="IP",
+        default=None,
+        help="the IPv4 address to open, e.g. the address your SSH will come from (the "
+        "server honours one other than the packet's source only for users with "
+        'spa_allow_ip = "any"; default: --source)',
+    )
+    who.add_argument(
+        "--source",
+        action="store_true",
+        help="open the packet's source address, as fwknop -s (default: on)",
+    )
+    s.add_argument(
+        "--port",
+        type=int,
+        metavar="PORT",
+        default=None,
+        help="the protected TCP port to open (default: the profile's, else 22)",
+    )
+    s.add_argument(
+        "--spa-port",
+        type=_int_in(1, 65535, "--spa-port"),
+        metavar="PORT",
+        default=None,
+        help=f"the server's SPA port (default: the profile's, else {DEFAULT_SPA_PORT})",
+    )
+    s.add_argument(
+        "--raw-syn",
+        action="store_true",
+        help="send the packet as the payload of one TCP SYN from a raw socket (fwknop's "
+        "-P tcpraw; needs root; default: one UDP datagram)",
+    )
+    s.add_argument(
+        "--timeout-open",
+        type=_int_in(1, MAX_CLIENT_TIMEOUT, "--timeout-open"),
+        metavar="SECONDS",
+        default=None,
+        help="ask for this open time (fwknop -f; the server caps it at its "
+        "max_open_seconds; default: none, the server's open_seconds)",
+    )
+    s.add_argument(
+        "--username",
+        default=None,
+        help="the username in the packet (fwknop -U; checked only for users with "
+        "fwknop_username; default: the profile's fwknop_username, else the login name)",
+    )
+    s.add_argument(
+        "--save-packet",
+        type=Path,
+        metavar="FILE",
+        default=None,
+        help="also write the payload sent last to FILE, mode 0600, for `nfknock spa "
+        "inspect` (it opens the door until it is too old; default: none)",
+    )
+    fam = s.add_mutually_exclusive_group()
+    fam.add_argument(
+        "-4", dest="family", action="store_const", const=4, help="IPv4 only (default: any)"
+    )
+    fam.add_argument(
+        "-6", dest="family", action="store_const", const=6, help="IPv6 only (default: any)"
+    )
+    s.add_argument(
+        "--timeout",
+        type=_number(0.1, 600, "--timeout"),
+        metavar="SECONDS",
+        default=3.0,
+        help="seconds to wait for the door to answer a probe (default: 3)",
+    )
+    s.add_argument(
+        "--tries",
+        type=_int_in(1, 10, "--tries"),
+        metavar="N",
+        default=DEFAULT_SPA_TRIES,
+        help="--check/--pipe: packets to send, each fresh, before giving up "
+        f"(default: {DEFAULT_SPA_TRIES})",
+    )
+    s.add_argument(
+        "--lock-wait",
+        type=_number(0, 3600, "--lock-wait"),
+        metavar="SECONDS",
+        default=DEFAULT_LOCK_WAIT,
+        help="--check/--pipe: seconds to wait while another invocation of this profile "
+        f"opens (default: {DEFAULT_LOCK_WAIT:g}; then exit 1)",
+    )
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--pipe",
+        action="store_true",
+        help="probe, then relay stdin/stdout over the connection (for ssh's "
+        "ProxyCommand; stdin and stdout must be pipes or sockets; default: off)",
+    )
+    mode.add_argument(
+        "--exec",
+        dest="exec_cmd",
+        metavar="CMD",
+        help="run CMD through the shell once the packet is sent (default: none); with "
+        "--check, CMD's own connection needs max_connections >= 2",
+    )
+    s.add_argument(
+        "--check",
+        action="store_true",
+        help="probe the protected port, sending a fresh packet until it opens (spends one "
+        "connection of the grant; default: no probe)",
+    )
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as one JSON line on stdout (default: a message on stderr)",
+    )
 
 
 def _target(args: argparse.Namespace) -> Target:
@@ -499,6 +706,164 @@ def _opened(
     )
 
 
+# --- SPA ------------------------------------------------------------------------------
+
+
+@dataclass
+class SpaIO:
+    """The edges of ``spa`` (tests replace them: a fake clock, capture, fake probes)."""
+
+    clock: Callable[[], float] = time.time
+    send: Callable[[int, str, int, bytes], None] | None = None  # None: by --raw-syn
+    probe: Callable[[int, str, int, float], tuple[DoorState, socket.socket | None]] = probe
+    relay: Callable[[socket.socket], tuple[int, str | None]] = relay
+
+
+def _spa_target(args: argparse.Namespace) -> SpaTarget:
+    """The profile (or command line) with command-line overrides, keys checked."""
+    if args.profile:
+        t = load_spa_profile(args.profile, args.config)
+    else:
+        if not args.host:
+            raise ClientError("give HOST, --key-file and --hmac-key-file, or --profile NAME")
+        if not args.key_file or not args.hmac_key_file:
+            raise ClientError("--key-file and --hmac-key-file are required without --profile")
+        keys = ClientKeys(read_key_file(args.key_file, MAX_KEY_BYTES), None)
+        t = SpaTarget(args.host, args.host, 22, DEFAULT_SPA_PORT, keys, None)
+    keys = t.keys
+    if args.profile and args.key_file:
+        keys = replace(keys, key=read_key_file(args.key_file, MAX_KEY_BYTES))
+    if args.hmac_key_file:
+        keys = replace(keys, hmac_key=read_key_file(args.hmac_key_file, MAX_HMAC_KEY_BYTES))
+    if args.hmac_digest:
+        if keys.hmac_key is None:
+            raise ClientError("--hmac-digest: the profile has fwknop_hmac = false")
+        keys = replace(keys, hmac_digest=args.hmac_digest)
+    if args.mode:
+        keys = replace(keys, mode=args.mode)
+    t.keys = check_keys(keys, "the keys given")
+    if args.host and args.profile:
+        t.host = args.host
+    if args.port is not None:
+        t.port = args.port
+    check_port(t.port)
+    if args.spa_port is not None:
+        t.spa_port = args.spa_port
+    if args.username is not None:
+        if not valid_username(args.username):
+            raise ClientError(
+                f'--username {args.username!r}: 1-48 printable characters, none of "/\\[]:;|=,+*?<>'
+            )
+        t.username = args.username
+    return t
+
+
+def cmd_spa(args: argparse.Namespace, io: SpaIO | None = None) -> int:
+    io = io or SpaIO()
+    if args.pipe and (problem := pipe_problem()):
+        raise ClientError(
+            f"--pipe relays stdin/stdout for ssh's ProxyCommand, but {problem}: nothing "
+            "was sent. Use it as ssh -o ProxyCommand='nfknock-client spa --pipe ...', "
+            "or send without --pipe"
+        )
+    if args.exec_cmd is not None and "\0" in args.exec_cmd:
+        raise ClientError("--exec: the command contains a NUL byte")
+    t = _spa_target(args)
+    family = {4: socket.AF_INET, 6: socket.AF_INET6}.get(args.family or 0, 0)
+    try:
+        fam, address = resolve(t.host, family)
+    except LookupError as exc:
+        raise ClientError(str(exc)) from None
+    allow_ip = allow_ip_for(args.allow_ip, fam)
+    send = io.send or (send_raw_syn if args.raw_syn else send_udp)
+    info: dict[str, Any] = {
+        "address": address,
+        "spa_port": t.spa_port,
+        "transport": "tcp-syn" if args.raw_syn else "udp",
+        "allow_ip": allow_ip,
+        "packets": 0,
+    }
+    probing = args.check or args.pipe
+    lock = StateStore(state_dir()).profile_lock(t.name, args.lock_wait) if probing else None
+    try:
+        if lock is not None:
+            # One invocation of a profile at a time from packet to probe outcome: each
+            # parallel ProxyCommand gets its own grant and uses it.
+            lock.acquire()
+        for _ in range(args.tries if probing else 1):
+            payload = build_packet(t, allow_ip, io.clock(), args.timeout_open)
+            if args.save_packet is not None:
+                save_packet(args.save_packet, payload)
+            try:
+                send(fam, address, t.spa_port, payload)
+            except PermissionError:
+                raise ClientError("--raw-syn needs root (CAP_NET_RAW)") from None
+            except OSError as exc:
+                return _result(args, EXIT_FAILED, f"sending to {address} failed: {exc}", **info)
+            info["packets"] += 1
+            if not probing:
+                return _spa_sent(args, t, info)
+            state, conn = io.probe(fam, address, t.port, args.timeout)
+            if state is DoorState.OPEN and conn is not None:
+                if lock is not None:
+                    lock.release()
+                return _spa_opened(args, io, t, conn, info)
+            if state is DoorState.BEHIND:
+                msg = (
+                    f"{address}:{t.port} answered with a TCP reset: nothing listens there, "
+                    "or the server marked this address behind after a stale knock (the next "
+                    "good knock or SPA clears it); no further packet sent"
+                )
+                return _result(args, EXIT_FAILED, msg, **info)
+            if info["packets"] < args.tries:
+                _note(f"{address}:{t.port} did not answer; sending a fresh packet")
+        msg = (
+            f"{address}:{t.port} did not open after {info['packets']} SPA packet(s) to "
+            f"{info['transport']}/{t.spa_port}. Likely causes: wrong keys, HMAC digest or "
+            "encryption mode; this clock is off by more than the server's max_age (120 s "
+            f"by default); the user may not open port {t.port}; a firewall between drops "
+            "the packets. On the server, `nfknock spa inspect` says why (--save-packet "
+            "keeps the packet)"
+        )
+        return _result(args, EXIT_FAILED, msg, **info)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _spa_sent(args: argparse.Namespace, t: SpaTarget, info: dict[str, Any]) -> int:
+    whom = "the packet's source" if info["allow_ip"] == UNSPECIFIED else info["allow_ip"]
+    msg = (
+        f"sent an SPA packet to {info['address']} ({info['transport']}/{t.spa_port}) asking "
+        f"to open tcp/{t.port} for {whom}; door not checked (--check would spend a "
+        "connection)"
+    )
+    if args.exec_cmd:
+        _note(msg)
+        return _exec(args.exec_cmd)
+    return _result(args, EXIT_OPENED, msg, **info)
+
+
+def _spa_opened(
+    args: argparse.Namespace, io: SpaIO, t: SpaTarget, conn: socket.socket, info: dict[str, Any]
+) -> int:
+    if args.pipe:
+        code, message = io.relay(conn)
+        if message:
+            _note(message)
+        return code
+    conn.close()
+    where = f"{info['address']}:{t.port} (SPA packet {info['packets']})"
+    if args.exec_cmd:
+        _note(
+            f"door open: {where}; the check used one connection, so CMD needs the server's "
+            "max_connections >= 2"
+        )
+        return _exec(args.exec_cmd)
+    spent = check_spent("spa", "send again")
+    return _result(args, EXIT_OPENED, f"door open: {where} -- {spent}", **info)
+
+
 def _gave_up(
     args: argparse.Namespace,
     io: KnockIO,
@@ -530,14 +895,19 @@ def _gave_up(
     return _result(args, EXIT_FAILED, msg, **extra)
 
 
-def main(argv: list[str] | None = None, io: KnockIO | None = None) -> int:
+def main(argv: list[str] | None = None, io: KnockIO | SpaIO | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "knock" and args.pipe and args.json:
+    if args.command in ("knock", "spa") and args.pipe and args.json:
         parser.error("--json cannot be combined with --pipe: stdout is the connection")
     code, message = EXIT_USAGE, ""
     try:
-        result = cmd_knock(args, io) if args.command == "knock" else cmd_sequence(args)
+        if args.command == "spa":
+            result = cmd_spa(args, io if isinstance(io, SpaIO) else None)
+        elif args.command == "knock":
+            result = cmd_knock(args, io if isinstance(io, KnockIO) else None)
+        else:
+            result = cmd_sequence(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return result
     except (ClientError, StateError) as exc:

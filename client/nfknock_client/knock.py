@@ -67,18 +67,24 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def syn_segment(src: bytes, dst: bytes, sport: int, dport: int, seq: int) -> bytes:
-    """A 20-byte TCP SYN with a correct checksum (RFC 9293 section 3.1)."""
+def syn_segment(
+    src: bytes, dst: bytes, sport: int, dport: int, seq: int, payload: bytes = b""
+) -> bytes:
+    """A TCP SYN (20-byte header, then ``payload``: the SPA form of ``-P tcpraw``)
+    with a correct checksum over the pseudo-header, header and data (RFC 9293
+    section 3.1)."""
     header = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x02, 64240, 0, 0)
+    length = len(header) + len(payload)
     if len(src) == 4:
-        pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(header))
+        pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, length)
     else:
-        pseudo = src + dst + struct.pack("!I3xB", len(header), socket.IPPROTO_TCP)
-    csum = _checksum(pseudo + header)
-    return header[:16] + struct.pack("!H", csum) + header[18:]
+        pseudo = src + dst + struct.pack("!I3xB", length, socket.IPPROTO_TCP)
+    csum = _checksum(pseudo + header + payload)
+    return header[:16] + struct.pack("!H", csum) + header[18:] + payload
 
 
-def _source_for(family: int, address: str) -> str:
+def source_for(family: int, address: str) -> str:
+    """The local address the kernel would send from to reach ``address``."""
     with socket.socket(family, socket.SOCK_DGRAM) as u:
         u.connect((address, 9))
         return str(u.getsockname()[0])
@@ -86,7 +92,7 @@ def _source_for(family: int, address: str) -> str:
 
 def send_raw_knocks(family: int, address: str, ports: Sequence[int], pace: float) -> None:
     """One SYN per knock from a raw socket (needs CAP_NET_RAW)."""
-    src_text = _source_for(family, address)
+    src_text = source_for(family, address)
     src = socket.inet_pton(family, src_text)
     dst = socket.inet_pton(family, address)
     rng = random.SystemRandom()

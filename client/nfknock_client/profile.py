@@ -1,8 +1,11 @@
 """Client profiles (``client.toml``) and secret files.  Standard library only.
 
-Every value is checked for its type and range before use: a wrong type is an error
-naming the file, the key and what was expected (exit 2), never a silent conversion
-(``port = true`` is not port 1) and never a traceback.
+A profile holds a knock secret (``secret``, ``secret_utf8`` or ``secret_file``),
+fwknop SPA keys (``fwknop_*``, ``spa_port``: read by :mod:`nfknock_client.spa`), or
+both -- exactly what ``nfknock user add`` prints for the user.  Every value is
+checked for its type and range before use: a wrong type is an error naming the
+file, the key and what was expected (exit 2), never a silent conversion (``port =
+true`` is not port 1) and never a traceback.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def _private(path: Path, what: str) -> None:
         )
 
 
-def _read_text(path: Path, what: str) -> str:
+def read_private_text(path: Path, what: str) -> str:
     _private(path, what)
     try:
         with path.open("rb") as f:
@@ -85,7 +88,7 @@ def _read_text(path: Path, what: str) -> str:
 
 
 def read_secret_file(path: Path, min_bytes: int = MIN_SECRET_BYTES) -> bytes:
-    text = _read_text(path, "secret file")
+    text = read_private_text(path, "secret file")
     try:
         return parse_base32(text, min_bytes=min_bytes)
     except SecretError as exc:
@@ -93,7 +96,7 @@ def read_secret_file(path: Path, min_bytes: int = MIN_SECRET_BYTES) -> bytes:
 
 
 # key -> (type, description) of what a profile may hold.
-_STR, _INT, _PORTS = "a string", "an integer", "a list of port numbers"
+_STR, _INT, _PORTS, _BOOL = "a string", "an integer", "a list of port numbers", "a boolean"
 PROFILE_KEYS: dict[str, str] = {
     "host": _STR,
     "port": _INT,
@@ -108,8 +111,19 @@ PROFILE_KEYS: dict[str, str] = {
     "step_seconds": _INT,
     "exclude": _PORTS,
     "counter": _INT,
+    # SPA (nfknock_client.spa); the users file's names where they mean the same.
+    "spa_port": _INT,
+    "fwknop_key_base64": _STR,
+    "fwknop_key_file": _STR,
+    "fwknop_hmac_key_base64": _STR,
+    "fwknop_hmac_key_file": _STR,
+    "fwknop_hmac": _BOOL,
+    "fwknop_hmac_digest": _STR,
+    "fwknop_mode": _STR,
+    "fwknop_username": _STR,
 }
 _RANGES = {
+    "spa_port": (1, 65535),
     "port": (1, 65535),
     "port_min": (1, 65535),
     "port_max": (1, 65535),
@@ -118,6 +132,7 @@ _RANGES = {
     "counter": (0, MAX_HOTP_COUNTER),
 }
 SECRET_KEYS = ("secret", "secret_utf8", "secret_file")
+SPA_KEY_NAMES = ("fwknop_key_base64", "fwknop_key_file")
 
 
 def _typed(where: str, key: str, value: object) -> None:
@@ -127,6 +142,8 @@ def _typed(where: str, key: str, value: object) -> None:
         ok = isinstance(value, str) and "\0" not in value
     elif want == _INT:
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif want == _BOOL:
+        ok = isinstance(value, bool)
     else:
         ok = isinstance(value, list) and all(
             isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in value
@@ -147,9 +164,11 @@ def _show(value: object) -> str:
     return f"{kind} ({text[:40]}{'...' if len(text) > 40 else ''})"
 
 
-def load_profile(name: str, path: Path | None = None) -> Target:
+def read_profile(name: str, path: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """``(where, table)`` of profile ``name``: every key known, every value of its
+    type and range, ``host`` set.  ``where`` names the profile in error messages."""
     path = path or config_path()
-    text = _read_text(path, "client config")
+    text = read_private_text(path, "client config")
     try:
         data = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
@@ -169,6 +188,20 @@ def load_profile(name: str, path: Path | None = None) -> Target:
         _typed(where, key, value)
     if not p.get("host", "").strip():
         raise ClientError(f"{where}.host: is required")
+    return where, p
+
+
+def expand_path(where: str, key: str, text: str) -> Path:
+    """A ``*_file`` value as a path (``~`` expanded)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise ClientError(f"{where}.{key}: cannot expand ~ without $HOME") from None
+
+
+def load_profile(name: str, path: Path | None = None) -> Target:
+    """Profile ``name`` for knocking (its knock secret)."""
+    where, p = read_profile(name, path)
     scheme_name = p.get("scheme", "v1")
     if scheme_name not in SCHEME_NAMES:
         raise ClientError(
@@ -176,9 +209,15 @@ def load_profile(name: str, path: Path | None = None) -> Target:
         )
     given = [k for k in SECRET_KEYS if k in p]
     if len(given) != 1:
+        spa_only = not given and any(k in p for k in SPA_KEY_NAMES)
         raise ClientError(
             f"{where}: needs secret, secret_utf8 or secret_file"
             + (f" (exactly one, not {' and '.join(given)})" if given else "")
+            + (
+                f" to knock; it has fwknop keys: use nfknock-client spa --profile {name}"
+                if spa_only
+                else ""
+            )
         )
     min_bytes = MIN_SECRET_BYTES if scheme_name == "v1" else 1
     if "secret" in p:
@@ -191,11 +230,7 @@ def load_profile(name: str, path: Path | None = None) -> Target:
         if not secret:
             raise ClientError(f"{where}.secret_utf8: is empty")
     else:
-        try:
-            secret_path = Path(p["secret_file"]).expanduser()
-        except RuntimeError:
-            raise ClientError(f"{where}.secret_file: cannot expand ~ without $HOME") from None
-        secret = read_secret_file(secret_path, min_bytes)
+        secret = read_secret_file(expand_path(where, "secret_file", p["secret_file"]), min_bytes)
     options: dict[str, Any] = {
         k: p[k] for k in ("port_min", "port_max", "length", "step_seconds") if k in p
     }

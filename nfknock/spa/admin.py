@@ -7,7 +7,7 @@ as the daemon would, prints the outcome as JSON and touches no replay state
 ``user add NAME --spa`` makes keys as ``fwknop --key-gen`` does (a 32-byte
 encryption key, an HMAC key of 64 bytes for SHA-256) and prints what each kind of
 client needs: a ``~/.fwknoprc`` stanza, the equivalent ``fwknop`` command line,
-an ``nfknock-client`` profile, and a QR code for phone apps.  The QR code holds
+the keys of an ``nfknock-client`` profile, and a QR code for phone apps.  The QR code holds
 ``KEY_BASE64:<key> HMAC_KEY_BASE64:<hmac key>`` -- space-separated ``NAME:value``
 tokens, the format the Android app Fwknop2 reads from a scanned code (its
 ``ConfigDetailFragment.onActivityResult``); any other app can split it the same way.
@@ -134,9 +134,9 @@ def qr_text(entry: dict[str, Any]) -> str:
 
 
 def client_setup(
-    name: str, entry: dict[str, Any], host: str, ports: list[int], spa_port: int, profile: str
+    name: str, entry: dict[str, Any], host: str, ports: list[int], spa_port: int
 ) -> str:
-    """The fwknoprc stanza, fwknop command line and nfknock-client profile."""
+    """The fwknoprc stanza and the equivalent fwknop command line."""
     key = entry["fwknop_key_base64"]
     hmac_key = entry.get("fwknop_hmac_key_base64")
     digest = entry.get("fwknop_hmac_digest", DEFAULT_HMAC_DIGEST)
@@ -162,24 +162,6 @@ def client_setup(
         cmd += f" --use-hmac --key-base64-hmac {hmac_key} --hmac-digest-type {digest}"
     rc.append(f"ENCRYPTION_MODE     {mode}")
     cmd += f" -M {mode}"
-    prof = [
-        f"# nfknock-client: paste into ~/.config/nfknock/client.toml (chmod 600), then "
-        f"run: nfknock-client spa --profile {json.dumps(profile)}",
-        f"[profiles.{json.dumps(profile)}]",
-        f"host = {json.dumps(host)}",
-        f"port = {ports[0]}",
-        'method = "spa"',
-        f"spa_port = {spa_port}",
-        f"fwknop_key_base64 = {json.dumps(key)}",
-    ]
-    if hmac_key is not None:
-        prof += [
-            f"fwknop_hmac_key_base64 = {json.dumps(hmac_key)}",
-            f"fwknop_hmac_digest = {json.dumps(digest)}",
-        ]
-    else:
-        prof.append("fwknop_hmac = false")
-    prof.append(f"fwknop_mode = {json.dumps(mode)}")
     return "\n".join(
         [
             f"# SPA keys of user {name!r} (shown once; keep them secret)",
@@ -187,10 +169,33 @@ def client_setup(
             "",
             "# or the same on the command line (the keys show in ps and in shell history):",
             f"#   {cmd}",
-            "",
-            *prof,
         ]
     )
+
+
+def profile_lines(entry: dict[str, Any], spa_port: int) -> list[str]:
+    """The SPA keys of an ``nfknock-client`` profile (``nfknock_client.spa`` reads
+    them under the users file's names)."""
+    lines = [
+        f"spa_port = {spa_port}",
+        f"fwknop_key_base64 = {json.dumps(entry['fwknop_key_base64'])}",
+    ]
+    if "fwknop_hmac_key_base64" in entry:
+        digest = entry.get("fwknop_hmac_digest", DEFAULT_HMAC_DIGEST)
+        lines += [
+            f"fwknop_hmac_key_base64 = {json.dumps(entry['fwknop_hmac_key_base64'])}",
+            f"fwknop_hmac_digest = {json.dumps(digest)}",
+        ]
+    else:
+        lines.append("fwknop_hmac = false")
+    lines.append(f"fwknop_mode = {json.dumps(entry.get('fwknop_mode', DEFAULT_MODE))}")
+    if "fwknop_username" in entry:
+        lines.append(f"fwknop_username = {json.dumps(entry['fwknop_username'])}")
+    return lines
+
+
+def spa_port_of(spa_ports: frozenset[int]) -> int:
+    return min(spa_ports) if spa_ports else DEFAULT_SPA_PORT
 
 
 def print_qr(entry: dict[str, Any], out: TextIO) -> None:
@@ -210,12 +215,12 @@ def print_client_setup(
     host: str,
     ports: list[int],
     spa_ports: frozenset[int],
-    profile: str,
     out: TextIO | None = None,
 ) -> None:
+    """The fwknop set-ups and the QR code (the nfknock-client profile is printed by
+    ``nfknock.admin.profile_text``, with the knock secret when the user has one)."""
     out = out or sys.stdout
-    spa_port = min(spa_ports) if spa_ports else DEFAULT_SPA_PORT
-    print(client_setup(name, entry, host, ports, spa_port, profile), file=out)
+    print(client_setup(name, entry, host, ports, spa_port_of(spa_ports)), file=out)
     print(file=out)
     print_qr(entry, out)
     if not spa_ports:

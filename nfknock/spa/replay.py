@@ -4,7 +4,10 @@ Theory of operation.  An authenticated packet is good while ``|now - timestamp| 
 max_age``: one stamped up to ``max_age`` in the future stays good for ``2 x
 max_age`` after it first arrives.  So every digest is remembered for ``keep =
 2 x max_age + 1`` seconds of wall time after its claim, and a claim of a digest
-still remembered is a replay.  The payload digest (SHA-256 of the wire string, as
+still remembered is a replay.  A packet stamped *more* than ``max_age`` ahead is
+refused when it arrives but becomes good later, until ``timestamp + max_age``: the
+claim's ``good_until`` keeps it that long (a sniffed copy resent in its window is
+still a replay).  The payload digest (SHA-256 of the wire string, as
 fwknopd keys its cache) is enough: the HMAC covers every character but the tag,
 and the tag must be spelled canonically (``wire.decode_tag``), so one authentic
 packet has exactly one wire form.
@@ -22,8 +25,8 @@ packets it would admit.
 from __future__ import annotations
 
 import enum
+import heapq
 import math
-from collections import OrderedDict
 from collections.abc import Iterable
 
 DIGEST_BYTES = 32
@@ -45,8 +48,9 @@ class ReplayCache:
             raise ValueError("capacity and keep_seconds must be positive")
         self.capacity = capacity
         self.keep = float(keep_seconds)
-        # digest -> expiry (wall time); insertion order ~ expiry order.
-        self._expires: OrderedDict[bytes, float] = OrderedDict()
+        self._expires: dict[bytes, float] = {}  # digest -> expiry (wall time)
+        # (expiry, digest) of every entry: expiries come in any order (good_until).
+        self._heap: list[tuple[float, bytes]] = []
 
     @classmethod
     def for_max_age(cls, capacity: int, max_age: float) -> ReplayCache:
@@ -63,27 +67,28 @@ class ReplayCache:
         expires = self._expires.get(digest)
         return expires is not None and wall < expires
 
-    def claim(self, digest: bytes, wall: float) -> Claim:
-        """Check and record in one step (what the verifier calls)."""
+    def claim(self, digest: bytes, wall: float, good_until: float = 0.0) -> Claim:
+        """Check and record in one step (what the verifier calls).  ``good_until``:
+        the end of the packet's own window, when later than ``wall + keep``."""
         if self.seen(digest, wall):
             return Claim.REPLAY
-        self.expire(wall)
-        self._expires.pop(digest, None)  # an expired one: re-insert at the end
+        self.expire(wall)  # an expired entry of this digest goes too
         if len(self._expires) >= self.capacity:
             return Claim.FULL
-        self._expires[digest] = wall + self.keep
+        expires = max(wall + self.keep, good_until)
+        self._expires[digest] = expires
+        heapq.heappush(self._heap, (expires, digest))
         return Claim.FRESH
 
     def expire(self, wall: float) -> int:
-        """Forget entries expired at ``wall``; how many.  Stops at the first live
-        entry in insertion order (amortised O(1) per claim)."""
+        """Forget entries expired at ``wall``; how many (O(log n) each)."""
         gone = 0
-        while self._expires:
-            _, expires = next(iter(self._expires.items()))
-            if expires > wall:
-                break
-            self._expires.popitem(last=False)
-            gone += 1
+        heap = self._heap
+        while heap and heap[0][0] <= wall:
+            expires, digest = heapq.heappop(heap)
+            if self._expires.get(digest) == expires:
+                del self._expires[digest]
+                gone += 1
         return gone
 
     def export(self) -> list[list[str | float]]:
@@ -119,5 +124,6 @@ class ReplayCache:
                 entries[digest] = max(expires, entries.get(digest, 0.0))
         ordered = sorted(entries.items(), key=lambda kv: kv[1])
         dropped = max(0, len(ordered) - self.capacity)
-        self._expires = OrderedDict(ordered[dropped:])
+        self._expires = dict(ordered[dropped:])
+        self._heap = [(e, d) for d, e in ordered[dropped:]]  # sorted: already a heap
         return dropped

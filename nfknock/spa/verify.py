@@ -49,7 +49,7 @@ _MIN_CIPHERTEXT_CHARS = 33
 
 
 class ReplayGuard(Protocol):
-    def claim(self, digest: bytes, wall: float) -> Claim: ...
+    def claim(self, digest: bytes, wall: float, good_until: float = 0.0) -> Claim: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +270,8 @@ class Verifier:
         try:
             if replay is not None and not pkt.claimed:
                 pkt.claimed = True
-                outcome = replay.claim(pkt.digest, wall)
+                # Kept at least until the packet's own window closes (replay.py).
+                outcome = replay.claim(pkt.digest, wall, msg.timestamp + self.max_age + 1)
                 if outcome is Claim.REPLAY:
                     raise R.SpaError(R.REPLAY)
                 if outcome is not Claim.FRESH:
