@@ -36,10 +36,14 @@ from nfknock.engine import Engine, EngineSettings
 from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict, addr_text
 from nfknock.gate import Access, ClaimOutcome, ClaimRequest, DigestClaim, Gate, GatePolicy
 from nfknock.grants import Grant, GrantTable, split_key
+from nfknock.spa import reasons as R
 from nfknock.spa.replay import ReplayCache
 from nfknock.spa.verify import Verifier
 
 WindowList = list[tuple[str, int, CounterWindow]]
+# An SPA digest is remembered at most this long (a client whose clock is more than
+# a year fast would see its packets replayable when the server's clock gets there).
+MAX_DIGEST_SECONDS = 366 * 86400
 
 
 def policy_of(settings: EngineSettings) -> GatePolicy:
@@ -147,12 +151,22 @@ class Core:
         else:
             kind, reason, code = EventKind.SPA_REFUSED, result.reason, result.code
         events = [Event(kind, src, dst, result.user, None, reason, code)]
-        if kind is EventKind.SPA_ACCEPTED and result.user is not None:
+        claim = None
+        if result.authenticated and result.replay_digest and result.user is not None:
+            ts = result.timestamp if result.timestamp is not None else wall
+            max_age = self.spa.max_age
+            until = max(wall + 2 * max_age + 1, ts + max_age + 1)
+            claim = DigestClaim(result.replay_digest, min(until, wall + MAX_DIGEST_SECONDS))
+        if claim is not None and kind is EventKind.SPA_REFUSED and result.code != R.REPLAY:
+            # Refused, but authentic: remember it durably all the same (a packet
+            # stamped in the future becomes valid later; a restart must not forget).
+            self.gate.record(claim, result.user or "")
+        if kind is EventKind.SPA_ACCEPTED and result.user is not None and claim is not None:
             access = Access(
                 result.user,
                 result.open_address,
                 dst,
-                DigestClaim(result.replay_digest, wall),
+                claim,
                 "spa",
                 ports=result.ports,
                 seconds=float(result.timeout) if result.timeout is not None else None,
@@ -319,10 +333,8 @@ class Core:
         ]
 
     def restore_digests(self, digests: Iterable[tuple[bytes, float]], wall: float) -> int:
-        """Remember stored SPA digests (claimed at ``when``) for the replay cache."""
-        keep = self.replay.keep
-        entries = [[d.hex(), when + keep] for d, when in digests]
-        self.replay.restore(entries, wall)
+        """Remember stored SPA digests (each until its wall time) for the replay cache."""
+        self.replay.restore([[d.hex(), until] for d, until in digests], wall)
         return len(self.replay)
 
     def restore_grants(self, records: Iterable[GrantRecord], wall: float, mono: float) -> int:

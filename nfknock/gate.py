@@ -42,10 +42,12 @@ class CounterClaim:
 
 @dataclass(frozen=True, slots=True)
 class DigestClaim:
-    """Spend an SPA payload digest (SHA-256); ``wall``: the packet's timestamp."""
+    """Spend an SPA payload digest (SHA-256), remembered until the wall time
+    ``until`` -- the end of the packet's validity (its timestamp + max_age, and at
+    least 2 x max_age after it arrived): a copy resent before then is a replay."""
 
     digest: bytes
-    wall: float
+    until: float
 
 
 Claim = CounterClaim | DigestClaim
@@ -218,6 +220,13 @@ class Gate:
                 "state_write_failed",
             )
         ]
+
+    def record(self, claim: Claim, user: str) -> None:
+        """Record a claim that earns nothing (an authenticated SPA packet refused for
+        its age, ports or type): its digest must outlive a restart all the same."""
+        self.outbox.append(
+            ClaimRequest(self.new_id(), claim, b"", user, frozenset(), 0, 0.0, "spa")
+        )
 
     def new_id(self) -> int:
         """A fresh grant (and claim) id."""

@@ -74,22 +74,38 @@ def test_the_embedded_store_claims_exactly_as_the_rule(
         store.close()
 
 
-def test_a_digest_is_claimed_once_and_the_store_refuses_when_full(tmp_path: Path) -> None:
+def test_a_digest_is_claimed_once_until_its_window_ends_and_the_store_refuses_when_full(
+    tmp_path: Path,
+) -> None:
     store = EmbeddedStore(tmp_path / "state.db", replay_cache=1024, max_age=120)
     try:
         d = bytes(32)
-        assert store.claim(request(1, DigestClaim(d, 4990.0)), 4990.0).outcome is Outcome.WON
-        assert store.claim(request(2, DigestClaim(d, 4990.0)), 5000.0).outcome is Outcome.LOST
+        assert store.claim(request(1, DigestClaim(d, 5240.0)), 4990.0).outcome is Outcome.WON
+        assert store.claim(request(2, DigestClaim(d, 5240.0)), 5000.0).outcome is Outcome.LOST
         for i in range(1, 1024):
             digest = i.to_bytes(32, "big")
-            assert store.claim(request(10 + i, DigestClaim(digest, 4990.0)), 5000.0).outcome is (
+            assert store.claim(request(10 + i, DigestClaim(digest, 5240.0)), 5000.0).outcome is (
                 Outcome.WON
             )
-        # Full of digests still needed (younger than 2 x max_age): refuse, fail closed.
-        full = store.claim(request(9999, DigestClaim(b"\xff" * 32, 5000.0)), 5000.0)
+        # Full of digests still needed (their windows not over): refuse, fail closed.
+        full = store.claim(request(9999, DigestClaim(b"\xff" * 32, 5250.0)), 5000.0)
         assert full.outcome is Outcome.FAILED and "replay cache is full" in full.detail
-        # Later the old ones may go: room again.
-        later = store.claim(request(10000, DigestClaim(b"\xfe" * 32, 5300.0)), 5300.0)
+        # Once their windows are over they may go: room again, and d is claimable anew.
+        later = store.claim(request(10000, DigestClaim(b"\xfe" * 32, 5550.0)), 5300.0)
         assert later.outcome is Outcome.WON
+        assert store.claim(request(10001, DigestClaim(d, 5550.0)), 5300.0).outcome is Outcome.WON
+    finally:
+        store.close()
+
+
+def test_a_record_only_claim_stores_the_digest_and_no_grant(tmp_path: Path) -> None:
+    store = EmbeddedStore(tmp_path / "state.db")
+    try:
+        record = ClaimRequest(
+            1, DigestClaim(bytes(32), 1e9 + 240), b"", "alice", frozenset(), 0, 0, "spa"
+        )
+        assert store.claim(record, 1e9).outcome is Outcome.WON
+        snap = store.load(1e9)
+        assert snap.digests == [(bytes(32), 1e9 + 240)] and snap.grants == []
     finally:
         store.close()

@@ -87,3 +87,41 @@ def test_udp_to_another_port_is_malformed_not_spa(svc: Service) -> None:
     assert svc.verdict_for(udp6(SRC6, DST6, packet(), dport=9999)) is Verdict.DROP
     assert svc.verdict_for(v4(SRC4, DST4, udp(packet(), dport=9999), proto=17)) is Verdict.DROP
     assert svc.spa_results == {} and svc.malformed == 2
+
+
+def test_a_future_stamped_packet_refused_then_resent_after_a_restart_is_a_replay(
+    tmp_path: Path,
+) -> None:
+    """Refused when it arrives (stamped 200 s ahead), it becomes valid 80 s later; its
+    digest must be on disk by then, or a restart would let a sniffed copy in."""
+    b64 = base64.b64encode
+    (tmp_path / "users.toml").write_text(
+        f'[users.alice]\nfwknop_key_base64 = "{b64(KEY).decode()}"\n'
+        f'fwknop_hmac_key_base64 = "{b64(HMAC_KEY).decode()}"\n'
+    )
+    (tmp_path / "users.toml").chmod(0o600)
+    (tmp_path / "nfknock.toml").write_text(
+        f'[[protect]]\nport = 22\n[state]\npath = "{tmp_path}/state.db"\n'
+        f'[users]\nfile = "users.toml"\n[control]\nsocket = "{tmp_path}/ctl.sock"\n'
+    )
+    cfg = load_config(tmp_path / "nfknock.toml")
+    now = [WALL]
+    future = encode_access(ClientKeys(KEY, HMAC_KEY), username="alice", timestamp=int(WALL) + 200)
+    datagram = v4(SRC4, DST4, udp(future), proto=17)
+    first = Service(cfg, EventLogger(), lambda: now[0])
+    first.restore()
+    assert first.verdict_for(datagram) is Verdict.DROP
+    assert first.spa_results == {"spa_from_future": 1}
+    first.flush_claims()
+    first.store.call(lambda s: s.close())  # kill -9: nothing saved at exit
+    first.store.close()
+    now[0] = WALL + 100  # inside the packet's window now
+    second = Service(cfg, EventLogger(), lambda: now[0])
+    second.restore()
+    try:
+        assert second.verdict_for(datagram) is Verdict.DROP
+        assert second.spa_results == {"spa_replay": 1}
+        syn = tcp_syn(SRC4, DST4, 22)
+        assert second.verdict_for(v4(SRC4, DST4, syn)) is Verdict.DROP  # nothing opened
+    finally:
+        second.stop()

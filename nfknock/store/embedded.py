@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from nfknock.config import USER_NAME
-from nfknock.core import GrantRecord
+from nfknock.core import MAX_DIGEST_SECONDS, GrantRecord
 from nfknock.counters import MAX_COUNTER, CounterWindow
 from nfknock.gate import ClaimOutcome, ClaimRequest, CounterClaim, DigestClaim, Outcome
 from nfknock.store import Snapshot, StateError
@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 CREATE TABLE IF NOT EXISTS windows (
     user TEXT NOT NULL, step INTEGER NOT NULL, floor INTEGER NOT NULL,
     PRIMARY KEY (user, step));
-CREATE TABLE IF NOT EXISTS digests (digest BLOB PRIMARY KEY, wall REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS digests (digest BLOB PRIMARY KEY, until REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS grants (
     id INTEGER PRIMARY KEY, src BLOB NOT NULL, dst BLOB NOT NULL, user TEXT NOT NULL,
     ports TEXT NOT NULL, remaining INTEGER NOT NULL, expires REAL NOT NULL,
@@ -209,6 +209,8 @@ class EmbeddedStore:
                     lost = self._claim_digest(db, claim, wall)
                 if lost:
                     return ClaimOutcome(request.id, Outcome.LOST, lost)
+                if not request.ports:  # a record-only claim (gate.record): no grant
+                    return ClaimOutcome(request.id, Outcome.WON)
                 src, dst = (
                     request.key[: len(request.key) // 2],
                     request.key[len(request.key) // 2 :],
@@ -232,16 +234,17 @@ class EmbeddedStore:
         return ClaimOutcome(request.id, Outcome.WON)
 
     def _claim_digest(self, db: sqlite3.Connection, claim: DigestClaim, wall: float) -> str:
-        if db.execute("SELECT 1 FROM digests WHERE digest = ?", (claim.digest,)).fetchone():
+        row = db.execute("SELECT until FROM digests WHERE digest = ?", (claim.digest,)).fetchone()
+        if row is not None and row[0] > wall:
             return "SPA payload seen before (replay)"
         (count,) = db.execute("SELECT count(*) FROM digests").fetchone()
         if count >= self.replay_cache:
-            db.execute("DELETE FROM digests WHERE wall < ?", (wall - 2 * self.max_age,))
+            db.execute("DELETE FROM digests WHERE until <= ?", (wall,))
             (count,) = db.execute("SELECT count(*) FROM digests").fetchone()
             if count >= self.replay_cache:
                 # Every entry is still needed: refusing is the only safe answer.
                 raise StateError(f"the SPA replay cache is full ({count} recent digests)")
-        db.execute("INSERT INTO digests VALUES (?, ?)", (claim.digest, claim.wall))
+        db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?)", (claim.digest, claim.until))
         return ""
 
     def save_horizon(self, high_step: int, pruned_through: int) -> None:
@@ -363,10 +366,10 @@ def _validate(db: sqlite3.Connection, path: Path, wall: float, fresh: bool) -> S
 
         where = "digests"
         digests = []
-        for digest, when in db.execute("SELECT digest, wall FROM digests"):
+        for digest, until in db.execute("SELECT digest, until FROM digests"):
             if type(digest) is not bytes or len(digest) != 32:
                 raise _Bad(f"a digest must be 32 bytes, not {digest!r}")
-            digests.append((digest, _real(when, 0, wall + 86400, "digest time")))
+            digests.append((digest, _real(until, 0, wall + MAX_DIGEST_SECONDS + 86400, "until")))
 
         where = "grants"
         grants = []
