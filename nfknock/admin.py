@@ -1,4 +1,4 @@
-"""Admin subcommands: init, user ..., rules, run, status, reload."""
+"""Admin subcommands: init, user ..., rules, run, status, doctor, reload."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ from nfknock.sdnotify import notify, watchdog_interval
 from nfknock.service import PreparedReload, Restored, Service, queue_stats
 
 if TYPE_CHECKING:
-    from nfknock.metrics import MetricsServer
+    from nfknock.metrics_http import MetricsServer
 
 HOUSEKEEPING = 0.25
 # Kernel memory one queued packet takes in the netlink socket (message + skb overhead).
@@ -188,7 +188,7 @@ class Daemon:
         # docstring); only when knocks come on a queue of their own.
         self.defer = cfg.queue.knock_number != cfg.queue.number
         self._reload_waiters: list[Future[dict[str, Any]]] = []
-        self.metrics: MetricsServer | None = None  # [metrics] listen (nfknock.metrics)
+        self.metrics: MetricsServer | None = None  # [metrics] listen (nfknock.metrics_http)
 
     # --- the packet path ------------------------------------------------------
 
@@ -379,9 +379,9 @@ class Daemon:
             return
         host, port = cfg.metrics.listen
         try:
-            from nfknock import metrics
+            from nfknock.metrics_http import MetricsServer
 
-            self.metrics = metrics.MetricsServer(cfg.metrics.listen, self.metrics_snapshot())
+            self.metrics = MetricsServer(cfg.metrics.listen, self.metrics_snapshot())
         except (OSError, ImportError) as exc:
             log.error(
                 "metrics_failed",

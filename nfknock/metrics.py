@@ -7,10 +7,11 @@ never wait for an HTTP client, and which no other thread may touch.  So:
    between packets, once a second (``Daemon.housekeeping``), and publishes it
    with one attribute assignment (atomic under the GIL).  The dict is never
    changed after that: a reader holds either the old one or the new one.
-2. The HTTP server (``prometheus_client``'s, in threads of its own, ``[metrics]
+2. The HTTP server (:mod:`nfknock.metrics_http`, a thread of its own, ``[metrics]
    listen``) serves :class:`SnapshotCollector`, which turns the latest snapshot
-   into metric families at scrape time.  A scrape costs the loop nothing; the
-   loop pays for the snapshot once a second whatever the scrape rate.
+   into metric families, rendered once per snapshot.  A scrape never touches the
+   loop's objects; the loop pays for the snapshot once a second whatever the
+   scrape rate, and the server bounds what scrapes may cost the interpreter.
 3. ``nfknock status --format prometheus`` asks the daemon for a fresh snapshot
    over the control socket (command ``metrics``) and prints it through the same
    collector -- the same text, for node_exporter's textfile collector where no
@@ -26,18 +27,16 @@ Prometheus' ``rate()`` handles.
 from __future__ import annotations
 
 import platform
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import generate_latest, start_http_server
+from prometheus_client import generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from nfknock import __version__
@@ -304,40 +303,10 @@ def render(snap: dict[str, Any]) -> str:
     return generate_latest(registry).decode()
 
 
-class MetricsServer:
-    """``prometheus_client``'s HTTP server on ``listen``, serving the published
-    snapshot plus the daemon process's own ``process_*`` metrics."""
-
-    def __init__(self, listen: tuple[str, int], first: dict[str, Any]) -> None:
-        self.listen = listen
-        self.collector = SnapshotCollector(first)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self.collector)
-        ProcessCollector(registry=self.registry)
-        host, port = listen
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        self.next_publish = time.monotonic() + SNAPSHOT_SECONDS
-
-    def publish(self, snap: dict[str, Any]) -> None:
-        self.collector.snapshot = snap  # one assignment: readers see old or new
-        self.next_publish = time.monotonic() + SNAPSHOT_SECONDS
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def listen_text(listen: tuple[str, int]) -> str:
-    host, port = listen
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 __all__ = [
     "SNAPSHOT_SECONDS",
-    "MetricsServer",
     "SnapshotCollector",
     "families",
-    "listen_text",
     "render",
     "snapshot",
 ]

@@ -9,6 +9,8 @@ import platform
 import shutil
 import socket
 import subprocess
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nfknock import metrics
+from nfknock import metrics, metrics_http
 from nfknock.config import ConfigError, load_config, parse_listen
 from nfknock.events import Verdict
 from nfknock.store.worker import CLAIM_BUCKETS
@@ -208,18 +210,67 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def fetch(port: int, host: str = "127.0.0.1", method: str = "GET") -> tuple[int, str]:
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as reply:  # noqa: S310 - http only
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
 def test_the_server_serves_the_last_published_snapshot_and_process_metrics() -> None:
     port = free_port()
-    server = metrics.MetricsServer(("127.0.0.1", port), {"verdicts": {"drop": 1}})
+    server = metrics_http.MetricsServer(("127.0.0.1", port), {"verdicts": {"drop": 1}})
     try:
-        url = f"http://127.0.0.1:{port}/metrics"
-        first = urllib.request.urlopen(url, timeout=5).read().decode()
+        _, first = fetch(port)
         server.publish({"verdicts": {"drop": 7}})
-        second = urllib.request.urlopen(url, timeout=5).read().decode()
+        status, second = fetch(port)
+        assert fetch(port, method="HEAD") == (200, "")
+        assert fetch(port, method="POST")[0] == 405
     finally:
         server.close()
+    assert status == 200
     assert samples(first)[("nfknock_verdicts_total", (("verdict", "drop"),))] == 1
     assert samples(second)[("nfknock_verdicts_total", (("verdict", "drop"),))] == 7
     assert "process_resident_memory_bytes" in second
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_the_text_is_rendered_once_per_snapshot() -> None:
+    server = metrics_http.MetricsServer(("::1", free_port6()), {"verdicts": {"drop": 1}})
+    try:
+        once = server.body()
+        assert server.body() is once  # the same bytes until the next snapshot
+        server.publish({"verdicts": {"drop": 2}})
+        assert server.body() is not once
+        assert fetch(server.listen[1], host="::1")[0] == 200
+    finally:
+        server.close()
+
+
+def test_scrapes_are_served_one_at_a_time_at_a_bounded_rate() -> None:
+    """Whatever the clients do, the server answers at most 1/REQUEST_GAP requests a
+    second, and a client that sends nothing is cut off after REQUEST_TIMEOUT."""
+    port = free_port()
+    server = metrics_http.MetricsServer(("127.0.0.1", port), {})
+    try:
+        silent = socket.create_connection(("127.0.0.1", port))
+        t0 = time.monotonic()
+        assert fetch(port)[0] == 200  # waits for the silent client's timeout
+        assert time.monotonic() - t0 >= metrics_http.REQUEST_TIMEOUT - 0.1
+        silent.close()
+        t0 = time.monotonic()
+        for _ in range(10):
+            assert fetch(port)[0] == 200
+        assert time.monotonic() - t0 >= 9 * metrics_http.REQUEST_GAP
+    finally:
+        server.close()
+
+
+def free_port6() -> int:
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        return int(s.getsockname()[1])
