@@ -153,8 +153,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--format",
         choices=["text", "json", "prometheus"],
-        default=None,
-        help="prometheus: the metrics in the text format (node_exporter's textfile collector)",
+        default="text",
+        help="json: as --json; prometheus: the daemon's metrics in the Prometheus text "
+        "format, for node_exporter's textfile collector (default: text)",
     )
     p.add_argument(
         "--health",
@@ -164,7 +165,11 @@ def register(sub: Any) -> None:
     )
 
     p = add("doctor", cmd_doctor, "check the installation: config, rules, daemon, listeners, clock")
-    p.add_argument("--config", default="/etc/nfknock/nfknock.toml")
+    p.add_argument(
+        "--config",
+        default="/etc/nfknock/nfknock.toml",
+        help="the configuration file (default: %(default)s)",
+    )
     p.add_argument(
         "--applied",
         default=str(DEFAULT_APPLIED),

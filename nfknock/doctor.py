@@ -156,7 +156,14 @@ def check_config(path: Path) -> tuple[Config | None, list[Finding]]:
     try:
         base = load_config(path, load_users=False)
     except ConfigError as exc:
-        return None, [Finding(ERROR, "config_invalid", str(exc), "fix the key it names")]
+        return None, [
+            Finding(
+                ERROR,
+                "config_invalid",
+                str(exc),
+                f"`nfknock check --config {path}` says the same; fix what it names",
+            )
+        ]
     out = file_modes(base)
     try:
         cfg = load_config(path)
@@ -178,8 +185,12 @@ def check_config(path: Path) -> tuple[Config | None, list[Finding]]:
     return cfg, out
 
 
-def _unsafe(path: Path, what: str, private: bool) -> list[str]:
-    """Why ``path`` (and its directory) could be changed, or read, by others."""
+def _unsafe(path: Path, what: str, secret: bool) -> list[str]:
+    """Why ``path`` could have been changed (or, holding secrets, read) by someone
+    other than root or us.  The users file goes through the config module's own
+    check (``config.check_private``: what the daemon refuses to start with); the
+    rest are the same rules -- owner, group/other write, and a directory others
+    may write (no sticky bit) from which the file could be swapped."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -189,7 +200,7 @@ def _unsafe(path: Path, what: str, private: bool) -> list[str]:
     problems = []
     if st.st_uid not in (0, os.geteuid()):
         problems.append(f"{what} {path} is owned by uid {st.st_uid}, who can change it")
-    if private:
+    if secret:
         try:
             check_private(path)
         except ConfigError as exc:
@@ -214,8 +225,8 @@ def file_modes(cfg: Config) -> list[Finding]:
         (cfg.state_path, "state file", False),
     ]
     out = []
-    for path, what, private in checks:
-        for problem in _unsafe(path, what, private):
+    for path, what, secret in checks:
+        for problem in _unsafe(path, what, secret):
             fix = f"chown root: {path} && chmod 600 {path}; chmod go-w {path.parent}"
             out.append(Finding(ERROR, "file_unsafe", problem, fix))
     if not out:
@@ -557,7 +568,10 @@ def _plain(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
 
 def run(config: Path, applied_path: Path, host: Host | None = None) -> list[Finding]:
     host = host or Host()
-    cfg, findings = check_config(config)
+    try:
+        cfg, findings = check_config(config)
+    except Exception as exc:  # e.g. a path the OS refuses: a finding, not a traceback
+        return [Finding(ERROR, "config_invalid", f"{config}: {type(exc).__name__}: {exc}")]
     if cfg is None:
         return findings
     bound: dict[int, QueueLine] = {}
