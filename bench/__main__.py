@@ -3,6 +3,7 @@
     sudo .venv/bin/python -m bench            # everything (about 15 minutes)
     sudo .venv/bin/python -m bench --smoke    # tiny sizes: proves the harness runs (CI)
     sudo .venv/bin/python -m bench engine     # the sans-IO engine and SPA verifier (no root)
+    sudo .venv/bin/python -m bench metrics    # throughput with Prometheus metrics on/off
 
 Writes bench/results/bench.json and bench/results/bench.md.  Every figure is
 measured in the same run as its baseline; see bench/README.md.
@@ -53,6 +54,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
             "systems": ("nfknock", "knockd", "fwknop", "nfknock_spa", "fwknop_nfknock"),
         },
         "memory": {"sources": 1_000_000},
+        "metrics": {"rounds": 3, "seconds": 3.0, "rate": 50_000, "scrape_every": 1.0},
     },
     "smoke": {
         "engine": {"user_counts": (1, 100), "n": 5_000, "repeats": 1},
@@ -67,6 +69,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
             "systems": ("nfknock", "nfknock_spa"),
         },
         "memory": {"sources": 20_000},
+        "metrics": {"rounds": 1, "seconds": 1.0, "rate": 20_000, "scrape_every": 0.5},
     },
 }
 
@@ -197,12 +200,23 @@ def markdown(res: dict[str, Any]) -> str:
             f"{mem['packets_sent']:,} SYNs from {mem['distinct_sources_sent']:,} distinct "
             f"spoofed sources; tracked sources afterwards: {mem['tracked_sources_after']}.",
         ]
+    if "metrics_overhead" in res:
+        from bench import metrics_overhead
+
+        lines += [
+            "",
+            "#### Prometheus metrics on and off (same run)",
+            "",
+            metrics_overhead.table(res["metrics_overhead"]),
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("what", nargs="?", default="all", choices=["all", "engine", "kernel"])
+    ap.add_argument(
+        "what", nargs="?", default="all", choices=["all", "engine", "kernel", "metrics"]
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -213,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         print(engine.table(res["engine"]), flush=True)
         res["spa_verify"] = spa_verify.run(**sizes["spa_verify"])
         print(spa_verify.table(res["spa_verify"]), flush=True)
-    if args.what in ("all", "kernel"):
-        from bench import kernel
+    if args.what in ("all", "kernel", "metrics"):
+        from bench import kernel, metrics_overhead
         from nfknock.netlab import can_run
 
         why = can_run()
@@ -224,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="nfknock-bench-") as tmp:
             b = kernel.Bench(Path(tmp))
             try:
+                if args.what == "metrics":
+                    res["metrics_overhead"] = metrics_overhead.run(b, **sizes["metrics"])
+                    print(metrics_overhead.table(res["metrics_overhead"]), flush=True)
+                    return _write(args.out, res)
                 print("== throughput", flush=True)
                 res["throughput"] = kernel.throughput(b, **sizes["throughput"])
                 print(json.dumps(res["throughput"]), flush=True)
@@ -242,12 +260,19 @@ def main(argv: list[str] | None = None) -> int:
                 res["attack"] = kernel.under_attack(b, rates, atk["attempts"], atk["systems"])
                 print("== memory", flush=True)
                 res["memory"] = kernel.memory(b, **sizes["memory"])
+                print("== metrics on and off", flush=True)
+                res["metrics_overhead"] = metrics_overhead.run(b, **sizes["metrics"])
             finally:
                 b.close()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(res, indent=1) + "\n")
+    return _write(args.out, res)
+
+
+def _write(out: Path, res: dict[str, Any]) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    name = "bench" if "engine" in res or "throughput" in res else "metrics"
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     text = markdown(res)
-    (args.out / "bench.md").write_text(text)
+    (out / f"{name}.md").write_text(text)
     print(text)
     return 0
 

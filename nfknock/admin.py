@@ -1,4 +1,4 @@
-"""Admin subcommands: init, user ..., rules, run, status, reload."""
+"""Admin subcommands: init, user ..., rules, run, status, doctor, reload."""
 
 from __future__ import annotations
 
@@ -195,6 +195,30 @@ def register(sub: Any) -> None:
     p = add("status", cmd_status, "live grants, counters and verdict counts of the daemon")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--json", action="store_true", help="the daemon's status as JSON")
+    p.add_argument(
+        "--format",
+        choices=["text", "json", "prometheus"],
+        default="text",
+        help="json: as --json; prometheus: the daemon's metrics in the Prometheus text "
+        "format, for node_exporter's textfile collector (default: text)",
+    )
+    p.add_argument(
+        "--health",
+        action="store_true",
+        help="exit 0 if the daemon answers, its queues are bound and its rules and state are "
+        "in order, else 1, with one line saying why (keepalived, monitoring)",
+    )
+
+    p = add("doctor", cmd_doctor, "check the installation: config, rules, daemon, listeners, clock")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    p.add_argument(
+        "--applied",
+        default=str(DEFAULT_APPLIED),
+        metavar="PATH",
+        help=f"the record of the last good install (default: {DEFAULT_APPLIED}); the queue "
+        "drop counters of the last check are kept beside it",
+    )
+    p.add_argument("--json", action="store_true", help="the findings as JSON")
 
     add("demo", cmd_demo, "a self-contained demonstration in network namespaces (root)")
 
@@ -602,6 +626,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from nfknock.control import control_request
 
     cfg = load_config(args.config, load_users=False)
+    if args.health or args.format == "prometheus":
+        return _status_health_or_metrics(cfg, args.health)
+    args.json = args.json or args.format == "json"
     try:
         reply = control_request(cfg.control_socket, "status")
     except (OSError, ValueError) as exc:
@@ -617,6 +644,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     for line in format_status(st if isinstance(st, dict) else {}, time.time()):
         print(line)
     return 0
+
+
+def _status_health_or_metrics(cfg: Config, health: bool) -> int:
+    """``status --health`` (nfknock.health) or ``status --format prometheus``."""
+    if health:
+        from nfknock import health as health_check
+
+        return health_check.main(cfg)
+    from nfknock import metrics
+    from nfknock.control import control_request
+
+    try:
+        reply = control_request(cfg.control_socket, "metrics")
+    except (OSError, ValueError) as exc:
+        print(f"nfknock status: error: no daemon at {cfg.control_socket} ({exc})", file=sys.stderr)
+        return 1
+    if not reply.get("ok") or not isinstance(reply.get("metrics"), dict):
+        print(f"nfknock status: error: the daemon said: {reply.get('error')}", file=sys.stderr)
+        return 1
+    sys.stdout.write(metrics.render(reply["metrics"]))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from nfknock import doctor
+
+    return doctor.main(Path(args.config), Path(args.applied), as_json=args.json)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -152,6 +152,14 @@ class SpaConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics] listen = "127.0.0.1:9610"``: serve Prometheus metrics there over
+    HTTP (:mod:`nfknock.metrics`).  ``listen`` None: off (the default)."""
+
+    listen: tuple[str, int] | None = None  # (IP literal, port)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"  # auto | json | console
@@ -187,6 +195,7 @@ class Config:
     warnings: tuple[str, ...] = ()
     spa: SpaConfig = SpaConfig()
     spa_users: tuple[User, ...] = ()  # users with fwknop keys (may also knock)
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def all_users(self) -> tuple[User, ...]:
@@ -431,6 +440,54 @@ def _spa(s: _Table) -> SpaConfig:
     return spa
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """``ADDRESS:PORT`` with an IP literal (IPv6 in brackets: ``[::1]:9610``) into
+    (address, port); ValueError says what is wrong.  No host names: nothing is
+    resolved at start."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not ADDRESS:PORT (e.g. 127.0.0.1:9610 or [::1]:9610)")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IPv4 or IPv6 address") from None
+    if addr.version == 6 and not bracketed:
+        raise ValueError(f"write an IPv6 address in brackets: [{host}]:{port_text}")
+    if addr.version == 4 and bracketed:
+        raise ValueError(f"brackets are for IPv6 addresses: {host}:{port_text}")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{port_text!r} is not a port number (1-65535)")
+    return str(addr), int(port_text)
+
+
+def _metrics(m: _Table, knock: KnockConfig, protected: set[int]) -> tuple[MetricsConfig, list[str]]:
+    text = m.take("listen", str, "")
+    m.finish()
+    if not text:
+        return MetricsConfig(), []
+    try:
+        host, port = parse_listen(text)
+    except ValueError as exc:
+        raise m.error("listen", str(exc)) from None
+    warnings = []
+    if not ipaddress.ip_address(host).is_loopback:
+        where = f"{m.file}: metrics.listen"
+        warnings.append(
+            f"{where}: {text} serves the metrics without authentication to whoever reaches "
+            "it; allow only your Prometheus server there (firewall), or listen on 127.0.0.1"
+        )
+        if knock.port_min <= port <= knock.port_max and port not in knock.exclude | protected:
+            warnings.append(
+                f"{where}: port {port} lies in the knock range {knock.port_min}-"
+                f"{knock.port_max}: a remote scraper's SYNs would be taken as knocks and "
+                f"dropped; add {port} to [knock] exclude"
+            )
+    return MetricsConfig((host, port)), warnings
+
+
 def _resolve(base: Path, text: str) -> Path:
     p = Path(text)
     return p if p.is_absolute() else (base.parent / p)
@@ -522,6 +579,7 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
     if fmt not in ("auto", "json", "console"):
         raise lg.error("format", f"{fmt!r} is not one of auto, json, console")
     lg.finish()
+    metrics, metrics_warnings = _metrics(root.sub("metrics"), knock, protected)
     root.finish()
 
     cfg = Config(
@@ -538,6 +596,8 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
         log=LogConfig(level=level, format=fmt),
         users=(),
         spa=spa,
+        metrics=metrics,
+        warnings=tuple(metrics_warnings),
     )
     try:
         params = cfg.sequence_params()
@@ -560,11 +620,11 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
                 **cfg.__dict__,
                 "users": knockers,
                 "spa_users": spa_users,
-                "warnings": tuple(warnings),
+                "warnings": cfg.warnings + tuple(warnings),
             }
         )
         return cfg
-    return Config(**{**cfg.__dict__, "warnings": tuple(warnings)})
+    return Config(**{**cfg.__dict__, "warnings": cfg.warnings + tuple(warnings)})
 
 
 def _path(table: _Table, name: str, default: str, kind: PathKind) -> Path:

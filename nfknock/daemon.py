@@ -40,7 +40,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -54,6 +54,9 @@ from nfknock.nfq import VerdictQueue
 from nfknock.packet import COPY_RANGE
 from nfknock.sdnotify import notify, watchdog_interval
 from nfknock.service import PreparedReload, Restored, Service, queue_stats
+
+if TYPE_CHECKING:
+    from nfknock.metrics_http import MetricsServer
 
 HOUSEKEEPING = 0.25
 # Kernel memory one queued packet takes in the netlink socket (message + skb overhead).
@@ -185,6 +188,7 @@ class Daemon:
         # docstring); only when knocks come on a queue of their own.
         self.defer = cfg.queue.knock_number != cfg.queue.number
         self._reload_waiters: list[Future[dict[str, Any]]] = []
+        self.metrics: MetricsServer | None = None  # [metrics] listen (nfknock.metrics_http)
 
     # --- the packet path ------------------------------------------------------
 
@@ -253,6 +257,8 @@ class Daemon:
             self._check_reload()
             self.service.tick()
             self._report_rules()
+            if self.metrics is not None and now >= self.metrics.next_publish:
+                self.metrics.publish(self.metrics_snapshot())
             if self._held:
                 self._redecide_held(expire_only=True)
             if self._watchdog and now >= self._next_watchdog:
@@ -350,12 +356,39 @@ class Daemon:
             status["reloading"] = self._reloading is not None
             status["rules"] = self.rules_status()
             fut.set_result({"ok": True, "status": status})
+        elif command == "metrics":
+            fut.set_result({"ok": True, "metrics": self.metrics_snapshot()})
         elif command == "reload":
             self._reload_waiters.append(fut)
             if self._reloading is None:
                 self._start_reload()
         else:
             fut.set_result({"ok": False, "error": f"unknown command {command!r}"})
+
+    # --- metrics (nfknock.metrics: a snapshot published between packets) -----------
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        from nfknock import metrics
+
+        return metrics.snapshot(self.service, self.rules_status(), len(self._held))
+
+    def _start_metrics(self, cfg: Config) -> None:
+        """Serve ``[metrics] listen``.  A failure is logged, not fatal: the protected
+        ports stay guarded, only the metrics are missing."""
+        if cfg.metrics.listen is None:
+            return
+        host, port = cfg.metrics.listen
+        try:
+            from nfknock.metrics_http import MetricsServer
+
+            self.metrics = MetricsServer(cfg.metrics.listen, self.metrics_snapshot())
+        except (OSError, ImportError) as exc:
+            log.error(
+                "metrics_failed",
+                listen=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                error=str(exc),
+                reason="running without metrics",
+            )
 
     # --- main loop --------------------------------------------------------------
 
@@ -399,6 +432,7 @@ class Daemon:
                 log.error("control_socket_failed", error=str(exc))
                 return 1
             self.rules.start()
+            self._start_metrics(cfg)
             return self._loop(cfg, restored, priority, knock)
         finally:
             notify("STOPPING=1")
@@ -414,6 +448,8 @@ class Daemon:
             self._held.clear()
             if control is not None:
                 control.close()
+            if self.metrics is not None:
+                self.metrics.close()
             try:
                 self.service.stop()
             except Exception as exc:

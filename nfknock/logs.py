@@ -48,8 +48,12 @@ RATE_LIMITED = frozenset(
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout
     console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    # Colours only on a terminal: console lines in a file or the journal stay plain
+    # text that fail2ban's filter (contrib/fail2ban) can match.
     renderer: Any = (
-        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        if console
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[
@@ -64,7 +68,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
 
 
 class EventLogger:
-    """Logs engine events; at most ``burst`` lines per second per noisy kind."""
+    """Logs engine events; at most ``burst`` lines per second per noisy kind.
+    ``counts``: events by kind name since start, suppressed ones included (metrics)."""
 
     def __init__(self, burst: int = 50) -> None:
         self.log = structlog.get_logger("nfknock")
@@ -72,8 +77,11 @@ class EventLogger:
         self._window = 0
         self._counts: dict[EventKind, int] = {}
         self.suppressed: dict[EventKind, int] = {}
+        self.counts: dict[str, int] = {}
 
     def emit(self, event: Event, now: float) -> None:
+        kind = event.kind.value
+        self.counts[kind] = self.counts.get(kind, 0) + 1
         if event.kind in RATE_LIMITED:
             second = int(now)
             if second != self._window:

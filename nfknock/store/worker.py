@@ -12,6 +12,7 @@ nothing opens (fail closed); the daemon reports the age of the oldest pending cl
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import queue
 import socket
@@ -27,6 +28,9 @@ from nfknock.store import StateStore
 
 T = TypeVar("T")
 _STOP = object()
+# Upper bounds (seconds) of the claim-duration histogram (metrics); one more bucket
+# counts the rest.
+CLAIM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class StoreWorker:
@@ -44,6 +48,9 @@ class StoreWorker:
         self.last_error_at = 0.0
         self.last_claim_seconds = 0.0
         self.busy_since = 0.0  # monotonic start of the claim being recorded, 0 if idle
+        # Claim durations: count per CLAIM_BUCKETS bucket (not cumulative) and sum.
+        self.claim_buckets = [0] * (len(CLAIM_BUCKETS) + 1)
+        self.claim_seconds_sum = 0.0
         self._thread = threading.Thread(target=self._run, name="nfknock-store", daemon=True)
         self._thread.start()
 
@@ -91,7 +98,9 @@ class StoreWorker:
                     outcome = self.store.claim(item, self._wall())
                 except Exception as exc:  # a store bug must not lose the outcome
                     outcome = ClaimOutcome(item.id, Outcome.FAILED, f"{type(exc).__name__}: {exc}")
-                self.last_claim_seconds = time.monotonic() - self.busy_since
+                self.last_claim_seconds = took = time.monotonic() - self.busy_since
+                self.claim_buckets[bisect.bisect_left(CLAIM_BUCKETS, took)] += 1
+                self.claim_seconds_sum += took
                 self.busy_since = 0.0
                 self.claims += 1
                 if outcome.outcome is Outcome.FAILED:
