@@ -78,7 +78,7 @@ class RedisServer:
 
     def start(self, wait: float = 15.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(  # noqa: S603 - our own argument list
+        self.proc = subprocess.Popen(
             self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + wait
@@ -99,7 +99,7 @@ class RedisServer:
         argv += ["redis-cli", "-h", self.address, "-p", str(self.port)]
         if self.password:
             argv += ["--no-auth-warning", "-a", self.password]
-        done = subprocess.run(  # noqa: S603
+        done = subprocess.run(
             [*argv, "PING"], capture_output=True, text=True, timeout=10, check=False
         )
         return done.stdout.strip() == "PONG"
