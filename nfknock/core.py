@@ -238,6 +238,29 @@ class Core:
         ev = Event(EventKind.GRANT_SHARED, record.src, record.dst, grant.user, None, reason, code)
         return [*events, ev]
 
+    def resync_grants(
+        self, records: Iterable[GrantRecord], wall: float, mono: float, wiped: bool = False
+    ) -> list[Event]:
+        """Bring the shared grants in line with a full snapshot of the store: new
+        ones added, connections spent elsewhere meanwhile taken off, shared grants
+        the store no longer holds (spent or expired there) dropped -- unless the
+        store came back ``wiped``, when it knows nothing and ours stay."""
+        events: list[Event] = []
+        seen = set()
+        for record in records:
+            key = record.src + record.dst
+            seen.add((key, record.ref))
+            grant = self.grants.find_ref(key, record.ref)
+            if grant is None:
+                events += self.add_shared_grant(record, wall, mono)
+            elif grant.confirmed and record.remaining < grant.remaining:
+                grant.remaining = record.remaining
+        if not wiped:
+            for key, grant in list(self.grants.items()):
+                if grant.ref and grant.confirmed and (key, grant.ref) not in seen:
+                    self.grants.void(key, grant.id)
+        return events
+
     def spend_shared(self, key: bytes, ref: str) -> None:
         """A connection of the shared grant ``ref`` was spent elsewhere."""
         grant = self.grants.find_ref(key, ref)

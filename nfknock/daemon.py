@@ -53,7 +53,14 @@ from nfknock.logs import EventLogger
 from nfknock.nfq import VerdictQueue
 from nfknock.packet import COPY_RANGE
 from nfknock.sdnotify import notify, watchdog_interval
-from nfknock.service import PreparedReload, Restored, Service, queue_stats
+from nfknock.service import (
+    PreparedReload,
+    Restored,
+    Service,
+    WorkerRole,
+    open_state,
+    queue_stats,
+)
 
 HOUSEKEEPING = 0.25
 # Kernel memory one queued packet takes in the netlink socket (message + skb overhead).
@@ -167,8 +174,19 @@ class Daemon:
         cfg: Config,
         applied: Path = DEFAULT_APPLIED,
         rules_every: float = RULES_CHECK_SECONDS,
+        role: WorkerRole | None = None,
     ) -> None:
-        self.service = Service(cfg, EventLogger())
+        # ``role``: one worker of several under nfknock.supervisor, which holds the
+        # state lock, the control socket and the rules (watch and re-apply).
+        self.role = role
+        if role is None:
+            self.service = Service(cfg, EventLogger())
+        else:
+            store, sharing, instance = open_state(cfg, role)
+            self.service = Service(
+                cfg, EventLogger(), store=store, sharing=sharing, instance=instance
+            )
+            self.service.finish_on_stop = role.index == 0
         self.applied = applied
         self.rules = RulesWatch(cfg, applied, rules_every)
         self._rules_seen: tuple[str, ...] | None = None
@@ -185,6 +203,7 @@ class Daemon:
         # docstring); only when knocks come on a queue of their own.
         self.defer = cfg.queue.knock_number != cfg.queue.number
         self._reload_waiters: list[Future[dict[str, Any]]] = []
+        self._knock_numbers: range = cfg.queue.knock_queues()
 
     # --- the packet path ------------------------------------------------------
 
@@ -301,8 +320,10 @@ class Daemon:
             try:
                 prepared = self.service.prepare_reload(snapshot)
                 # The new configuration's rules, atomically per family; refused ->
-                # the old rules and the old configuration stay.
-                rules.apply(prepared.cfg, self.applied)
+                # the old rules and the old configuration stay.  (A worker's
+                # supervisor applied them before asking it to reload.)
+                if self.role is None:
+                    rules.apply(prepared.cfg, self.applied)
                 result.append(prepared)
             except Exception as exc:
                 result.append(exc)
@@ -348,7 +369,10 @@ class Daemon:
             status = self.service.status(stats)
             status["held_packets"] = len(self._held)
             status["reloading"] = self._reloading is not None
-            status["rules"] = self.rules_status()
+            if self.role is None:
+                status["rules"] = self.rules_status()
+            else:
+                status["worker"] = self.role.index
             fut.set_result({"ok": True, "status": status})
         elif command == "reload":
             self._reload_waiters.append(fut)
@@ -365,14 +389,19 @@ class Daemon:
         queues: list[_Queue] = []
         knock: list[VerdictQueue] = []
         control: ControlServer | None = None
+        priority_numbers, knock_numbers = cfg.queue.priority_queues(), cfg.queue.knock_queues()
+        if self.role is not None:  # this worker's slice of each --queue-balance range
+            priority_numbers = range(cfg.queue.number + self.role.index, priority_numbers.stop)[:1]
+            knock_numbers = range(cfg.queue.knock_number + self.role.index, knock_numbers.stop)[:1]
+        self._knock_numbers = knock_numbers
         try:
             try:
-                for number in cfg.queue.priority_queues():
+                for number in priority_numbers:
                     queues.append(
                         _Queue(number, self.handle, cfg.queue.max_len, PRIORITY_COPY_RANGE)
                     )
                 priority = list(queues)
-                for number in cfg.queue.knock_queues():
+                for number in knock_numbers:
                     knock.append(
                         VerdictQueue.bind(
                             number,
@@ -393,12 +422,16 @@ class Daemon:
                     reason="another process may hold the queue, or CAP_NET_ADMIN is missing",
                 )
                 return 1
+            socket_path = cfg.control_socket
+            if self.role is not None:
+                socket_path = self.role.directory / f"worker-{self.role.index}.sock"
             try:
-                control = ControlServer(cfg.control_socket, self.mailbox)
+                control = ControlServer(socket_path, self.mailbox)
             except (ControlError, OSError) as exc:
                 log.error("control_socket_failed", error=str(exc))
                 return 1
-            self.rules.start()
+            if self.role is None:
+                self.rules.start()
             return self._loop(cfg, restored, priority, knock)
         finally:
             notify("STOPPING=1")
@@ -431,9 +464,9 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
         signal.signal(signal.SIGINT, lambda *_: setattr(self, "_stop", True))
         log.info(
-            "started",
-            queue=cfg.queue.number,
-            knock_queue=cfg.queue.knock_number,
+            "started" if self.role is None else "worker_started",
+            queue=priority[0].number if priority else cfg.queue.number,
+            knock_queue=self._knock_numbers[0] if self._knock_numbers else cfg.queue.knock_number,
             max_len=cfg.queue.max_len,
             users=len(cfg.users),
             protected=sorted(cfg.protected_ports),
@@ -456,8 +489,10 @@ class Daemon:
         for fd in [*(q.fileno() for q in priority), *(k.fd for k in knock)]:
             poller.register(fd, select.POLLIN)
         claims_fd, mail_fd = self.service.claims_fd(), self.mailbox.fileno()
-        for fd in (wake_r.fileno(), claims_fd, mail_fd):
-            poller.register(fd, select.POLLIN)
+        changes_fd = self.service.changes_fd()  # other gateways or workers (None: alone)
+        for extra in (wake_r.fileno(), claims_fd, mail_fd, changes_fd):
+            if extra is not None:
+                poller.register(extra, select.POLLIN)
         try:
             while not self._stop:
                 timeout = max(0, int((self._next_housekeeping - time.monotonic()) * 1000))
@@ -468,6 +503,8 @@ class Daemon:
                         q.pump(1 << 30, deadline)
                 if claims_fd in ready and self.service.on_claims() and self._held:
                     self._redecide_held()
+                if changes_fd in ready and self.service.on_changes() and self._held:
+                    self._redecide_held()  # e.g. a grant made on another worker
                 for k in knock:
                     if k.fd in ready:
                         try:

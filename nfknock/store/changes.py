@@ -101,8 +101,9 @@ Change = Spent | SeenDigest | Granted | Used | Hello | Resync | Link
 
 class Sharing(Protocol):
     """How one process shares state with the others (Redis stream, local feed).
-    ``fileno``/``drain`` on the packet loop's thread; ``claimed``/``used`` on the
-    store thread (after a claim was won; after a connection was spent)."""
+    ``fileno``/``drain`` on the packet loop's thread; ``claimed``/``used``/``resume``
+    on the store thread (after a claim was won; after a connection was spent; after
+    the store became reachable again: send what waited)."""
 
     kind: str
 
@@ -117,6 +118,8 @@ class Sharing(Protocol):
     def used(self, key: bytes, ref: str) -> None: ...
 
     def welcome(self, worker: int, records: list[GrantRecord]) -> None: ...
+
+    def resume(self) -> None: ...
 
     def status(self) -> dict[str, object]: ...
 

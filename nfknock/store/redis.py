@@ -43,12 +43,15 @@ more; a Redis that comes back empty is re-seeded by the gateways still running.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -61,6 +64,7 @@ from nfknock.gate import ClaimOutcome, ClaimRequest, CounterClaim, Outcome
 from nfknock.store import Snapshot, StateError
 from nfknock.store.changes import FeedError, claim_fields, parse_record, used_fields
 
+T = TypeVar("T")
 SCHEMA = b"1"
 FEED_MAXLEN = 100_000
 MAX_STEP = 1 << 40
@@ -269,6 +273,8 @@ class RedisStore:
         self._backoff = min(max(BACKOFF_FIRST, self._backoff * 2), BACKOFF_MAX)
         self._retry_at = time.monotonic() + self._backoff
         self.last_error = f"{self.description} unreachable: {type(exc).__name__}: {exc}"
+        with contextlib.suppress(Exception):
+            self.client.connection_pool.disconnect()  # no dead connection is reused later
         return self.last_error
 
     def _up(self) -> None:
@@ -276,6 +282,17 @@ class RedisStore:
         self._backoff = 0.0
         self._retry_at = 0.0
         self.last_error = ""
+
+    def _again(self, call: Callable[[], T]) -> T:
+        """``call()``, once more if the connection it used turned out to be dead
+        (Redis restarted since): the command was never sent, so it is safe to send
+        again.  A timeout is not retried (the script may have run)."""
+        try:
+            return call()
+        except redis.ConnectionError:
+            if not self.reachable:
+                raise
+            return call()
 
     def note_reachable(self) -> None:
         """The feed reconnected: try at once instead of waiting out the back-off."""
@@ -337,7 +354,7 @@ class RedisStore:
         args += [repr(wall)]
         args += [FEED_MAXLEN, grant_ttl, len(pairs) // 2, *pairs, *extra]
         try:
-            reply = self._claim(keys=keys, args=args)
+            reply = self._again(lambda: self._claim(keys=keys, args=args))
         except DOWN as exc:
             return ClaimOutcome(request.id, Outcome.FAILED, self._down(exc))
         except redis.RedisError as exc:  # the script refused: damaged data, full, no schema
@@ -363,13 +380,20 @@ class RedisStore:
         if self._may_try():
             self._flush_unsent()
 
+    def flush(self) -> None:
+        """Reachable again: send the connections spent meanwhile."""
+        self._retry_at = 0.0
+        self._flush_unsent()
+
     def _flush_unsent(self) -> None:
         while self._unsent:
             key, ref = self._unsent[0]
             fields = used_fields(key, ref, self.origin)
             args: list[Any] = [FEED_MAXLEN, *[x for kv in fields.items() for x in kv]]
             try:
-                self._used(keys=[self.keys.grant(ref), self.keys.feed], args=args)
+                self._again(
+                    partial(self._used, keys=[self.keys.grant(ref), self.keys.feed], args=args)
+                )
             except DOWN as exc:
                 self._down(exc)
                 return
@@ -381,7 +405,9 @@ class RedisStore:
         # Windows are not deleted here: another gateway whose clock lags may still
         # accept those steps; they expire by themselves (window_ttl).
         try:
-            self._horizon(keys=[self.keys.horizon], args=[high_step, pruned_through])
+            self._again(
+                lambda: self._horizon(keys=[self.keys.horizon], args=[high_step, pruned_through])
+            )
         except DOWN as exc:
             self._down(exc)
 
@@ -400,7 +426,8 @@ class RedisStore:
         for digest, when in digests:
             args += [digest.hex(), repr(when)]
         try:
-            self._reseed(keys=[self.keys.schema, self.keys.steps, self.keys.digests], args=args)
+            keys = [self.keys.schema, self.keys.steps, self.keys.digests]
+            self._again(lambda: self._reseed(keys=keys, args=args))
         except DOWN as exc:
             self._down(exc)
 
