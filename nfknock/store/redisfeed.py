@@ -110,6 +110,8 @@ class RedisFeed:
 
     def close(self) -> None:
         self._stop.set()
+        with contextlib.suppress(Exception):  # wakes a blocked XREAD (shutdown of its socket)
+            self._client.connection_pool.disconnect()
         if self._thread.is_alive():
             self._thread.join(BLOCK_MS / 1000 + 3)
         with contextlib.suppress(Exception):
@@ -151,13 +153,16 @@ class RedisFeed:
                 elif self._position is None:
                     self._reload()
                 self._read()
-            except DOWN as exc:
-                self._lost(f"{type(exc).__name__}: {exc}")
-                backoff = min(max(BACKOFF_FIRST, backoff * 2), BACKOFF_MAX)
-                self._stop.wait(backoff)
-            except (redis.RedisError, StateError) as exc:  # refused, damaged, foreign
-                self._lost(str(exc))
-                backoff = BACKOFF_MAX
+            except Exception as exc:  # the thread never dies: anything is "down"
+                if self._stop.is_set():
+                    return  # close() cut the connection under XREAD
+                if isinstance(exc, DOWN):
+                    backoff = min(max(BACKOFF_FIRST, backoff * 2), BACKOFF_MAX)
+                    self._lost(f"{type(exc).__name__}: {exc}")
+                else:  # refused, damaged, foreign (StateError), or a client bug
+                    backoff = BACKOFF_MAX
+                    known = isinstance(exc, redis.RedisError | StateError)
+                    self._lost(str(exc) if known else f"{type(exc).__name__}: {exc}")
                 self._stop.wait(backoff)
 
     def _lost(self, why: str) -> None:
