@@ -157,6 +157,36 @@ class RulesWatch:
         self._stop = True
         self._wake.set()
 
+    def report(self, seen: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        """Log the findings when they differ from ``seen`` (errors: every protected
+        port may be open, or bypassed, while they last); returns what was seen."""
+        result = self.result
+        if result is None:
+            return seen
+        _, problems = result
+        now = tuple(sorted(f"{p.code}:{p.family}:{p.detail}" for p in problems))
+        if now == seen:
+            return seen
+        for p in problems:
+            log.error("rules_problem", code=p.code, family=p.family, error=p.detail, fix=p.fix)
+        if not problems:
+            log.info("rules_ok", detail="nfknock's rules are installed, complete and first")
+        return now
+
+    def status(self) -> dict[str, Any]:
+        result = self.result
+        if result is None:
+            return {"ok": None, "checked": None, "problems": []}
+        when, problems = result
+        return {
+            "ok": not problems,
+            "checked": round(when, 3),
+            "problems": [
+                {"code": p.code, "family": p.family, "detail": p.detail, "fix": p.fix}
+                for p in problems
+            ],
+        }
+
     def _run(self) -> None:
         while not self._stop:
             try:
@@ -281,34 +311,10 @@ class Daemon:
             log.error("housekeeping_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _report_rules(self) -> None:
-        """Log the rules thread's findings when they change (errors: every protected
-        port may be open, or bypassed, while they last)."""
-        result = self.rules.result
-        if result is None:
-            return
-        _, problems = result
-        seen = tuple(sorted(f"{p.code}:{p.family}:{p.detail}" for p in problems))
-        if seen == self._rules_seen:
-            return
-        self._rules_seen = seen
-        for p in problems:
-            log.error("rules_problem", code=p.code, family=p.family, error=p.detail, fix=p.fix)
-        if not problems:
-            log.info("rules_ok", detail="nfknock's rules are installed, complete and first")
+        self._rules_seen = self.rules.report(self._rules_seen)
 
     def rules_status(self) -> dict[str, Any]:
-        result = self.rules.result
-        if result is None:
-            return {"ok": None, "checked": None, "problems": []}
-        when, problems = result
-        return {
-            "ok": not problems,
-            "checked": round(when, 3),
-            "problems": [
-                {"code": p.code, "family": p.family, "detail": p.detail, "fix": p.fix}
-                for p in problems
-            ],
-        }
+        return self.rules.status()
 
     # --- reload: read and build in a thread, swap here ------------------------------
 
