@@ -143,7 +143,7 @@ class StateConfig:
     the URL; every key under ``prefix``)."""
 
     backend: str = "embedded"
-    url: str = ""
+    url: str = field(default="", repr=False)  # may carry the password: describe() hides it
     password: str = field(default="", repr=False)
     password_file: Path | None = None
     prefix: str = "nfknock"

@@ -217,6 +217,7 @@ class Daemon:
                 cfg, EventLogger(), store=store, sharing=sharing, instance=instance
             )
             self.service.finish_on_stop = role.index == 0
+            self.service.begin_on_restore = cfg.state.backend != "embedded"
         self.applied = applied
         self.rules = RulesWatch(cfg, applied, rules_every)
         self._rules_seen: tuple[str, ...] | None = None

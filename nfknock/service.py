@@ -150,6 +150,9 @@ class Service:
         # A worker other than the first leaves the clean-exit record to worker 0,
         # which stops last and knows every grant (nfknock.supervisor).
         self.finish_on_stop = True
+        # Workers on the embedded file leave "in use" to their supervisor, which marks
+        # it once all of them have read the grants of the last clean exit.
+        self.begin_on_restore = True
         self.reachable = True  # a shared store: its feed is connected
         self.shared_grants = 0  # grants made elsewhere and honoured here
         self.verdicts = [0, 0, 0, 0]  # indexed by Verdict
@@ -183,7 +186,8 @@ class Service:
         )
         writable = True
         try:
-            self.store.call(lambda s: s.begin())
+            if self.begin_on_restore:
+                self.store.call(lambda s: s.begin())
         except StateError as exc:
             writable = False
             self.state_error = str(exc)

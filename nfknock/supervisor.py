@@ -308,6 +308,18 @@ class Supervisor:
             failed = self._wait_ready()
             if failed:
                 return failed
+            if lock is not None:
+                # Every worker has read the grants of the last clean exit: from now
+                # on the file is in use (a crash restores none; worker 0 marks it
+                # clean again when it stops last).
+                try:
+                    lock.begin()
+                except StateError as exc:
+                    log.error(
+                        "state_not_writable",
+                        error=str(exc),
+                        reason="no claim can be recorded: nothing will open until this is fixed",
+                    )
             log.info(
                 "started",
                 workers=len(self.workers),
