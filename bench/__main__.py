@@ -22,6 +22,10 @@ from typing import Any
 from bench import engine
 
 
+class _Done(Exception):
+    """Only the part asked for was run."""
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     try:
@@ -51,6 +55,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
             "systems": ("nfknock", "knockd", "fwknop"),
         },
         "memory": {"sources": 1_000_000},
+        "shared": {"claims": 2000, "knock_runs": 50, "seconds": 3.0},
     },
     "smoke": {
         "engine": {"user_counts": (1, 100), "n": 5_000, "repeats": 1},
@@ -59,6 +64,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "knock": {"runs": 3, "systems": ("nfknock", "knockd")},
         "attack": {"attempts": 3, "fractions": {"50pct": 0.5}, "systems": ("nfknock",)},
         "memory": {"sources": 20_000},
+        "shared": {"claims": 50, "knock_runs": 3, "seconds": 1.0},
     },
 }
 
@@ -159,12 +165,33 @@ def markdown(res: dict[str, Any]) -> str:
             f"{mem['packets_sent']:,} SYNs from {mem['distinct_sources_sent']:,} distinct "
             f"spoofed sources; tracked sources afterwards: {mem['tracked_sources_after']}.",
         ]
+    if "shared" in res:
+        from bench import shared
+
+        lines.append(shared.table(res["shared"]))
     return "\n".join(lines) + "\n"
+
+
+def run_shared(b: Any, sizes: dict[str, Any]) -> dict[str, Any]:
+    """Issue 12's figures: claim latency by store, knock-to-open by backend, workers."""
+    from bench import shared
+
+    out: dict[str, Any] = {}
+    print("== claim latency (embedded, Redis)", flush=True)
+    out["claims"] = shared.claim_latency(b, sizes["claims"])
+    print(json.dumps(out["claims"]), flush=True)
+    print("== knock to open by backend", flush=True)
+    out["backends"] = shared.knock_to_open_backends(b, sizes["knock_runs"])
+    print(json.dumps(out["backends"]), flush=True)
+    print("== workers", flush=True)
+    out["workers"] = shared.workers_throughput(b, sizes["seconds"])
+    print(json.dumps(out["workers"]), flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("what", nargs="?", default="all", choices=["all", "engine", "kernel"])
+    ap.add_argument("what", nargs="?", default="all", choices=["all", "engine", "kernel", "shared"])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -173,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("all", "engine"):
         res["engine"] = engine.run(**sizes["engine"])
         print(engine.table(res["engine"]), flush=True)
-    if args.what in ("all", "kernel"):
+    if args.what in ("all", "kernel", "shared"):
         from bench import kernel
         from nfknock.netlab import can_run
 
@@ -184,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="nfknock-bench-") as tmp:
             b = kernel.Bench(Path(tmp))
             try:
+                if args.what == "shared":
+                    res["shared"] = run_shared(b, sizes["shared"])
+                    raise _Done
                 print("== throughput", flush=True)
                 res["throughput"] = kernel.throughput(b, **sizes["throughput"])
                 print(json.dumps(res["throughput"]), flush=True)
@@ -199,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                 res["attack"] = kernel.under_attack(b, rates, atk["attempts"], atk["systems"])
                 print("== memory", flush=True)
                 res["memory"] = kernel.memory(b, **sizes["memory"])
+                res["shared"] = run_shared(b, sizes["shared"])
+            except _Done:
+                pass
             finally:
                 b.close()
     args.out.mkdir(parents=True, exist_ok=True)
