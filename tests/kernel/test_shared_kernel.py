@@ -11,10 +11,12 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from nfknock.netlab import PY
 from nfknock.netlab.pair import ADDRESS, CLIENT, REDIS, VIP, Gateway, Pair
 from nfknock.sequence import SequenceParams, format_base32, sequence_at, step_of
 
@@ -27,6 +29,7 @@ PARAMS = SequenceParams(exclude=frozenset({22}))
 KEY = bytes(range(100, 132))
 HMAC_KEY = bytes(range(1, 65))
 PASSWORD = "pair-test-" + "x" * 16
+CHECK = Path(__file__).parents[2] / "contrib" / "ha" / "nfknock-check"
 
 
 def b64(data: bytes) -> str:
@@ -74,6 +77,13 @@ def status(gw: Gateway) -> dict[str, Any]:
     out = gw.nfknock("status", "--config", str(gw.workdir / "nfknock.toml"), "--json")
     result: dict[str, Any] = json.loads(out.stdout)
     return result
+
+
+def health_check(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
+    """contrib/ha/nfknock-check against this gateway's real status."""
+    argv = [PY, str(CHECK), "--config", str(gw.workdir / "nfknock.toml")]
+    argv += ["--nfknock", str(Path(PY).parent / "nfknock"), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
 
 
 def events(gw: Gateway, kind: str) -> list[dict[str, Any]]:
@@ -204,6 +214,9 @@ def test_while_redis_is_stopped_nothing_new_opens_and_it_recovers(pair: Pair) ->
     assert st["state"]["claim_failures"] >= 1
     assert pair.a.daemon is not None and pair.a.daemon.poll() is None  # no crash
     assert events(pair.a, "state_unreachable")
+    check = health_check(pair.a)  # keepalived's track_script sees it
+    assert check.returncode == 1 and "state store" in check.stdout
+    assert health_check(pair.a, "--allow-store-down").returncode == 0
     pair.redis.start()
     wait_for(lambda: status(pair.a)["state"]["reachable"], 20)
     wait_for(lambda: status(pair.b)["state"]["reachable"], 20)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from nfknock.netlab import SERVER4, Lab
+from nfknock.netlab import PY, SERVER4, Lab
 from nfknock.sequence import SequenceParams, sequence_at, step_of
 
 from .conftest import SECRET, _require_lab
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.kernel
 
 PARAMS = SequenceParams(exclude=frozenset({22}))
 SOURCES = [f"198.51.100.{i}" for i in range(11, 31)]
+CHECK = Path(__file__).parents[2] / "contrib" / "ha" / "nfknock-check"
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,13 @@ def status(lab: Lab) -> dict[str, Any]:
     out = lab.nfknock("status", "--config", str(lab.workdir / "nfknock.toml"), "--json")
     result: dict[str, Any] = json.loads(out.stdout)
     return result
+
+
+def health_check(lab: Lab) -> subprocess.CompletedProcess[str]:
+    """contrib/ha/nfknock-check against this daemon's real status."""
+    argv = [PY, str(CHECK), "--config", str(lab.workdir / "nfknock.toml")]
+    argv += ["--nfknock", str(Path(PY).parent / "nfknock")]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
 
 
 def accepts(lab: Lab) -> list[int]:
@@ -99,6 +108,7 @@ def test_two_workers_open_for_clients_spread_over_both_queues(
     assert all(q["queue_dropped"] == 0 for q in st["queue"].values())
     started = [e for e in lab.log_events() if e.get("event") == "worker_started"]
     assert sorted(e["worker"] for e in started) == [0, 1]
+    assert health_check(lab).returncode == 0  # keepalived's track_script agrees
 
 
 def test_a_sequence_replayed_through_the_other_worker_is_refused(
