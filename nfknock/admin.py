@@ -473,6 +473,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  claims {state.get('claims')}  failures {state.get('claim_failures')}"
         f"  pending {state.get('pending_claims')}"
     )
+    for w in st.get("workers") or []:
+        up = "up" if w.get("alive") and w.get("answered") else "DOWN"
+        print(
+            f"worker {w.get('index')}: pid {w.get('pid')} {up}, restarts {w.get('restarts')}, "
+            f"queues {w.get('queues')}, verdicts {w.get('verdicts')}"
+        )
     print(f"tracked sources {st.get('tracked_sources')}")
     for name, u in sorted((st.get("users") or {}).items()):
         print(f"user {name}: {'enabled' if u['enabled'] else 'disabled'}, counter {u['counter']}")

@@ -287,6 +287,13 @@ class Supervisor:
             lock = EmbeddedStore(
                 self.cfg.state_path, replay_cache=self.cfg.spa.replay_cache, lock=True
             )
+            # Created and checked here, once: a damaged state refuses to start (exit
+            # 2) before any worker runs, and workers never race to create the file.
+            try:
+                lock.load(time.time())
+            except StateError:
+                lock.close()
+                raise
         control: ControlServer | None = None
         wake_r, wake_w = socket.socketpair()
         try:
