@@ -216,8 +216,9 @@ class Daemon:
             self.service = Service(
                 cfg, EventLogger(), store=store, sharing=sharing, instance=instance
             )
-            self.service.finish_on_stop = role.index == 0
-            self.service.begin_on_restore = cfg.state.backend != "embedded"
+            embedded = cfg.state.backend == "embedded"
+            self.service.finish_on_stop = role.index == 0 or not embedded
+            self.service.begin_on_restore = not embedded
         self.applied = applied
         self.rules = RulesWatch(cfg, applied, rules_every)
         self._rules_seen: tuple[str, ...] | None = None

@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 
 from nfknock.netlab import PY, SERVER4, Lab
+from nfknock.netlab.redisd import RedisServer
 from nfknock.sequence import SequenceParams, sequence_at, step_of
 
+from ..conftest import require_redis
 from .conftest import SECRET, _require_lab
 from .test_daemon_kernel import events
 
@@ -28,19 +30,32 @@ SOURCES = [f"198.51.100.{i}" for i in range(11, 31)]
 CHECK = Path(__file__).parents[2] / "contrib" / "ha" / "nfknock-check"
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """One lab and one supervised daemon for the module (the tests share it and use
-    fresh counters and sources)."""
+@pytest.fixture(scope="module", params=["embedded", "redis"])
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """One lab and one supervised daemon per backend (the module's tests share it and
+    use fresh counters and sources).  Redis: on a Unix socket in the lab's directory."""
     _require_lab()
+    backend: str = request.param
     with Lab(tmp_path_factory.mktemp("workers")) as lab:
-        lab.start_service()
-        for src in SOURCES:
-            lab.add_client_address(f"{src}/24")
-        cfg = lab.write_config({"alice": SECRET}, queue={"workers": 2})
-        lab.install_rules(cfg)
-        lab.start_daemon(cfg, wait=60)
-        yield lab
+        sections: dict[str, Any] = {"queue": {"workers": 2}}
+        server = None
+        if backend == "redis":
+            require_redis()
+            server = RedisServer(lab.workdir / "redis")
+            server.start()
+            sections["state"] = {"backend": "redis", "url": server.url, "prefix": "w"}
+        try:
+            lab.start_service()
+            for src in SOURCES:
+                lab.add_client_address(f"{src}/24")
+            cfg = lab.write_config({"alice": SECRET}, **sections)
+            lab.install_rules(cfg)
+            lab.start_daemon(cfg, wait=60)
+            yield lab
+        finally:
+            lab.stop_daemon()
+            if server is not None:
+                server.stop()
 
 
 def status(lab: Lab) -> dict[str, Any]:
@@ -158,6 +173,7 @@ def test_sigterm_stops_every_worker_and_leaves_the_state_clean(lab: Lab) -> None
     assert lab.stop_daemon(signal.SIGTERM) == 0
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists()  # reaped by the supervisor
-    with sqlite3.connect(lab.workdir / "state.db") as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'clean'").fetchone() == (1,)
-    assert events(lab, "stopped")
+    if "redis" not in (lab.workdir / "nfknock.toml").read_text():
+        with sqlite3.connect(lab.workdir / "state.db") as db:
+            assert db.execute("SELECT value FROM meta WHERE key = 'clean'").fetchone() == (1,)
+    assert len(events(lab, "stopped")) == 3  # two workers and the supervisor
