@@ -314,6 +314,66 @@ def test_while_redis_is_away_nothing_new_opens_known_grants_work_and_it_recovers
     assert a.status()["state"]["ok"] is True
 
 
+def test_a_gateway_started_while_redis_is_down_fails_closed_then_catches_up(
+    tmp_path: Path,
+) -> None:
+    require_redis()
+    server = RedisServer(tmp_path / "redis", persistent=True)
+    server.start()
+    clock = Clock()
+    a = gateway(config(tmp_path, server.url, "late", name="a"), clock)
+    knock(a, clock)  # counter 0 spent while the other gateway is away
+    server.stop()
+    late = gateway(config(tmp_path, server.url, "late", name="b"), clock)  # starts anyway
+    try:
+        until(late, lambda: late.status()["state"]["reachable"] is False)
+        assert late.status()["state"]["ok"] is False
+        knock(late, clock)  # it does not know counter 0 is spent: only Redis could say
+        assert late.verdict_for(syn(22)) is Verdict.DROP  # ... and it is away: nothing opens
+        server.start()
+        until(late, lambda: late.status()["state"]["reachable"], seconds=15)
+        until(late, lambda: counter(late, clock) >= 1)  # caught up: the replay is stale
+        knock(late, clock, src=SRC2)
+        assert late.verdict_for(syn(22, SRC2)) is Verdict.REJECT
+        knock(late, clock, counter=1, src=SRC2)  # and a fresh counter opens
+        assert late.verdict_for(syn(22, SRC2)) is Verdict.ACCEPT
+    finally:
+        for svc in list(OPEN):
+            OPEN.remove(svc)
+            crash(svc)
+        server.stop()
+
+
+def test_a_gateway_that_missed_trimmed_entries_reloads_everything(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    import redis
+
+    from nfknock.store.changes import Resync
+    from nfknock.store.redis import RedisStore
+    from nfknock.store.redisfeed import RedisFeed
+
+    a, _, clock = pair(tmp_path, redis_server.url)
+    knock(a, clock)
+    client = redis.Redis.from_url(redis_server.url)
+    client.xtrim(f"{a.cfg.state.prefix}:feed", maxlen=0)  # as MAXLEN does to a slow reader
+    assert isinstance(a.store.store, RedisStore)
+    feed = RedisFeed(a.store.store)
+    feed.start("1-0")  # where a reader that slept through it all stood
+    try:
+        deadline = time.monotonic() + 5
+        got: list[object] = []
+        while not any(isinstance(c, Resync) for c in got):
+            assert time.monotonic() < deadline
+            got += feed.drain()
+            time.sleep(0.01)
+        resync = next(c for c in got if isinstance(c, Resync))
+        assert [(u, w.floor) for u, _, w in resync.snapshot.windows] == [("alice", 1)]
+        assert feed.status()["resyncs"] == 1
+    finally:
+        feed.close()
+
+
 def test_a_redis_that_comes_back_empty_is_reseeded_with_the_spent_counters(
     tmp_path: Path,
 ) -> None:

@@ -22,6 +22,7 @@ Keys (``P`` = ``[state] prefix``; one deployment, one prefix):
                           expiry; the key expires a minute after the grant
     P:grants      zset    grant ref -> expiry (for loading)
     P:feed        stream  the change feed (capped at about 100,000 entries)
+    P:seq         string  the number of the last feed entry (each entry carries its own)
     P:horizon     hash    the highest step seen and the highest pruned (max of all)
     ============  ======  =========================================================
 
@@ -29,7 +30,8 @@ Why a stream for the feed (not pub/sub): the entry is written by the same script
 as the claim, so it exists exactly when the claim does; a gateway that lost its
 connection for a while reads on from the last entry it saw instead of silently
 missing what happened meanwhile; and it is bounded (``MAXLEN ~``), with a reader
-that fell behind the trim point noticing it (``XINFO``) and reloading everything.
+that fell behind the trim point noticing it (every entry carries its number) and
+reloading everything.
 
 Unreachable: a claim is FAILED (nothing opens that needs one) -- at once while a
 back-off runs (0.25 s doubling to 5 s), so a dead server never queues claims behind
@@ -71,10 +73,12 @@ MAX_STEP = 1 << 40
 MAX_ENTRIES = 1 << 24
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 5.0
 HOTP_STEP = -1
-STREAM_ID = re.compile(rb"^[0-9]{1,20}-[0-9]{1,20}$")
+# A feed position: the stream id of the last entry read, "/", its sequence number.
+POSITION = re.compile(rb"^[0-9]{1,20}-[0-9]{1,20}/[0-9]{1,20}$")
 DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 
-# KEYS: 1 schema, 2 window hash or digest zset, 3 steps, 4 grant hash, 5 grants, 6 feed
+# KEYS: 1 schema, 2 window hash or digest zset, 3 steps, 4 grant hash, 5 grants, 6 feed,
+#       7 feed sequence
 # ARGV: 1 kind, 2 schema, 3 now, 4 feed maxlen, 5 grant ttl, 6.. feed fields (name,
 #       value pairs; the grant's come first, in the order HSET stores them), then
 #       knock: user, step, counter, lookahead, MAX_COUNTER, window ttl
@@ -119,23 +123,28 @@ redis.call('HSET', KEYS[4], unpack(fields, 5, 20))
 redis.call('EXPIRE', KEYS[4], ARGV[5])
 redis.call('ZADD', KEYS[5], fields[18], fields[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[3])
+fields[#fields + 1] = 'q'
+fields[#fields + 1] = redis.call('INCR', KEYS[7])
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
 return {1, 0}
 """
 
-# KEYS: 1 grant hash, 2 feed.  ARGV: 1 feed maxlen, 2.. feed fields.
+# KEYS: 1 grant hash, 2 feed, 3 feed sequence.  ARGV: 1 feed maxlen, 2.. feed fields.
 USED = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HINCRBY', KEYS[1], 'n', -1) <= 0 then redis.call('DEL', KEYS[1]) end
 end
 local fields = {}
 for i = 2, #ARGV do fields[i - 1] = ARGV[i] end
+fields[#fields + 1] = 'q'
+fields[#fields + 1] = redis.call('INCR', KEYS[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
 return 1
 """
 
-# KEYS: 1 schema, 2 steps, 3 grants, 4 digests, 5 feed, 6 horizon.  ARGV: 1 prefix, 2 now.
-# One script, so the snapshot and the feed position it corresponds to are one instant.
+# KEYS: 1 schema, 2 steps, 3 grants, 4 digests, 5 feed, 6 horizon, 7 feed sequence.
+# ARGV: 1 prefix, 2 now.  One script, so the snapshot and the feed position it
+# corresponds to (the last entry, and its number) are one instant.
 LOAD = """
 local windows, grants = {}, {}
 for _, step in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
@@ -152,6 +161,7 @@ end
 local last = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)
 local position = '0-0'
 if #last > 0 then position = last[1][1] end
+position = position .. '/' .. (redis.call('GET', KEYS[7]) or '0')
 return {redis.call('GET', KEYS[1]) or '', windows, grants,
         redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES'), position,
         redis.call('HGETALL', KEYS[6])}
@@ -221,6 +231,7 @@ class Keys:
         self.digests = f"{prefix}:d"
         self.grants = f"{prefix}:grants"
         self.feed = f"{prefix}:feed"
+        self.seq = f"{prefix}:seq"
         self.horizon = f"{prefix}:horizon"
 
     def window(self, step: int) -> str:
@@ -348,7 +359,7 @@ class RedisStore:
             keys = [self.keys.schema, self.keys.digests, self.keys.steps]
             extra = [fields["d"], fields["w"], self.keep, self.replay_cache]
         keys += [self.keys.grant(request.ref)]
-        keys += [self.keys.grants, self.keys.feed]
+        keys += [self.keys.grants, self.keys.feed, self.keys.seq]
         grant_ttl = max(1, math.ceil(request.expires - wall) + 60)
         args: list[Any] = ["knock" if isinstance(claim, CounterClaim) else "spa", SCHEMA]
         args += [repr(wall)]
@@ -392,7 +403,11 @@ class RedisStore:
             args: list[Any] = [FEED_MAXLEN, *[x for kv in fields.items() for x in kv]]
             try:
                 self._again(
-                    partial(self._used, keys=[self.keys.grant(ref), self.keys.feed], args=args)
+                    partial(
+                        self._used,
+                        keys=[self.keys.grant(ref), self.keys.feed, self.keys.seq],
+                        args=args,
+                    )
                 )
             except DOWN as exc:
                 self._down(exc)
@@ -446,7 +461,15 @@ def load_snapshot(
     data (a connection problem raises the client's error)."""
     try:
         reply = client.register_script(LOAD)(
-            keys=[keys.schema, keys.steps, keys.grants, keys.digests, keys.feed, keys.horizon],
+            keys=[
+                keys.schema,
+                keys.steps,
+                keys.grants,
+                keys.digests,
+                keys.feed,
+                keys.horizon,
+                keys.seq,
+            ],
             args=[keys.prefix, repr(wall)],
         )
     except DOWN:
@@ -494,7 +517,7 @@ def load_snapshot(
                 raise _Bad(f"{text[:70]!r} is not a digest")
             digests.append((bytes.fromhex(text), _real(score, "digest time")))
         where = keys.feed
-        if not isinstance(position, bytes) or not STREAM_ID.match(position):
+        if not isinstance(position, bytes) or not POSITION.match(position):
             raise _Bad(f"position {position!r}")
     except _Bad as exc:
         raise StateError(

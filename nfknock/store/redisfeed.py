@@ -10,11 +10,12 @@ waits for the network, exactly like claim outcomes (:mod:`nfknock.store.worker`)
 Connection lost: a ``Link(up=False)`` change (status, log), then reconnect attempts
 with back-off (0.25 s doubling to 5 s).  Reconnected: ``Link(up=True)``, the claim
 path is told to try at once, and reading goes on from the last entry seen -- the
-stream kept what happened meanwhile.  Only if entries were trimmed before this
-gateway read them (checked with ``XINFO STREAM`` at every reconnect and every few
-seconds), or the queue towards the loop overflowed, is everything reloaded
-(``Resync``).  A store that came back without our schema (a Redis restarted
-without persistence) is reported ``wiped``: the daemon writes back what it knows.
+stream kept what happened meanwhile.  Every entry carries its number (``q``, one
+``INCR`` in the script that writes it): if the next entry read is not the next
+number, entries were trimmed before this gateway read them (or Redis lost them),
+and everything is reloaded (``Resync``), as when the queue towards the loop
+overflows.  A store that came back without our schema (a Redis restarted without
+persistence) is reported ``wiped``: the daemon writes back what it knows.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from nfknock.store.redis import (
 
 BLOCK_MS = 1000
 BATCH = 512
-GAP_CHECK_SECONDS = 5.0
 MAX_QUEUED = 100_000  # changes waiting for the loop; beyond it: drop them and reload
 
 
@@ -60,7 +60,8 @@ class RedisFeed:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._position: str | None = None  # None: reload everything first
+        self._position: str | None = None  # the last entry's id; None: reload everything
+        self._seq = 0  # the last entry's number
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nfknock-feed", daemon=True)
         self.connected = False
@@ -71,8 +72,8 @@ class RedisFeed:
         self.last_bad = ""
         self.resyncs = 0
         self.reconnects = 0
-        self._next_gap_check = 0.0
         self._ever_connected = False
+        self._said_down = False
 
     # --- the loop's side -------------------------------------------------------------
 
@@ -91,7 +92,7 @@ class RedisFeed:
     def start(self, position: str) -> None:
         """Read on from ``position`` (where the snapshot the daemon restored from
         stood); "" when that load failed: reload everything at the first connect."""
-        self._position = position or None
+        self._position, self._seq = _split(position)
         self._thread.start()
 
     def status(self) -> dict[str, object]:
@@ -100,7 +101,7 @@ class RedisFeed:
             "connected": self.connected,
             "since": round(self.since, 3),
             "error": self.error,
-            "position": self._position or "",
+            "position": f"{self._position}/{self._seq}" if self._position else "",
             "entries": self.entries,
             "bad_entries": self.bad_entries,
             "last_bad": self.last_bad,
@@ -167,8 +168,9 @@ class RedisFeed:
 
     def _lost(self, why: str) -> None:
         self.error = f"{self.store.description} unreachable: {why}"
-        if self.connected:
+        if self.connected or not self._said_down:  # (also when it never connected)
             self.connected = False
+            self._said_down = True
             self.since = time.time()
             self._push(Link(False, self.error))
         with contextlib.suppress(Exception):
@@ -177,38 +179,23 @@ class RedisFeed:
     def _connect(self) -> None:
         self._client.ping()
         wiped = self._client.get(self.keys.schema) != SCHEMA
-        if self._position is None or self._gap():
+        if self._position is None:
             self._reload()
         if self._ever_connected:
             self.reconnects += 1
         self._ever_connected = True
+        self._said_down = False
         self.connected = True
         self.since = time.time()
         self.error = ""
         self.store.note_reachable()
         self._push(Link(True, "", wiped))
-        self._next_gap_check = time.monotonic() + GAP_CHECK_SECONDS
 
     def _reload(self) -> None:
         snap, present = load_snapshot(self._client, self.keys, time.time(), self.store.description)
-        self._position = snap.position
+        self._position, self._seq = _split(snap.position)
         self.resyncs += 1
         self._push(Resync(snap, wiped=not present))
-
-    def _gap(self) -> bool:
-        """Were entries after our position trimmed before we read them?"""
-        if self._position is None:
-            return True
-        try:
-            info: Any = self._client.xinfo_stream(self.keys.feed)
-        except redis.ResponseError:  # no stream (yet): nothing was missed
-            return False
-        ours = _id(self._position)
-        deleted = info.get("max-deleted-entry-id") or info.get(b"max-deleted-entry-id")
-        if deleted is not None:
-            return _id(deleted) > ours
-        first = info.get("first-entry") or info.get(b"first-entry")  # Redis < 7
-        return bool(first) and _id(first[0]) > ours
 
     def _read(self) -> None:
         if self._position is None:
@@ -218,31 +205,38 @@ class RedisFeed:
         )
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                self._position = entry_id.decode()
+                number = fields.pop(b"q", b"")
+                if not number.isdigit() or len(number) > 18:  # not written by nfknock
+                    self._position = entry_id.decode()
+                    self._bad("no entry number")
+                    continue
+                if int(number) != self._seq + 1:
+                    # Not the next entry: some were trimmed (or lost) unread.
+                    self._position = None
+                    return
+                self._position, self._seq = entry_id.decode(), int(number)
                 self._entry(fields)
-        if time.monotonic() >= self._next_gap_check:
-            self._next_gap_check = time.monotonic() + GAP_CHECK_SECONDS
-            if self._gap():
-                self._reload()
 
     def _entry(self, raw: dict[bytes, bytes]) -> None:
         try:
             fields = {k.decode("ascii"): v.decode("ascii") for k, v in raw.items()}
             origin, changes = decode(fields)
         except (FeedError, UnicodeDecodeError) as exc:
-            self.bad_entries += 1
-            self.last_bad = f"entry {self._position}: {exc}"
+            self._bad(str(exc))
             return
         if origin == self.origin:
             return  # ours: applied when the claim was won
         self.entries += 1
         self._push(*changes)
 
+    def _bad(self, why: str) -> None:
+        self.bad_entries += 1
+        self.last_bad = f"entry {self._position}: {why}"
 
-def _id(value: str | bytes) -> tuple[int, int]:
-    text = value.decode() if isinstance(value, bytes) else value
-    ms, _, seq = text.partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        return (0, 0)
+
+def _split(position: str) -> tuple[str | None, int]:
+    """A feed position "stream-id/number" ("" or damaged: none, reload first)."""
+    entry, _, number = position.partition("/")
+    if not entry or not number.isdigit():
+        return None, 0
+    return entry, int(number)
