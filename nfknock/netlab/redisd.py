@@ -32,6 +32,7 @@ class RedisServer:
         password: str = "",
         persistent: bool = False,
         lifetime: int = LIFETIME,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         """``address`` empty: listen on ``workdir/redis.sock`` only (no TCP).
         ``persistent``: an append-only file fsynced at every write (the setting the
@@ -43,6 +44,7 @@ class RedisServer:
         self.password = password
         self.persistent = persistent
         self.lifetime = lifetime
+        self.tls = tls  # (certificate, key, CA): TLS only on ``port``, no plain TCP
         self.socket_path = workdir / "redis.sock"
         self.log = workdir / "redis.log"
         self.pidfile = workdir / "redis.pid"
@@ -52,7 +54,8 @@ class RedisServer:
     def url(self) -> str:
         if not self.address:
             return f"unix://{self.socket_path}"
-        return f"redis://{self.address}:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.address}:{self.port}/0"
 
     def argv(self) -> list[str]:
         exe = shutil.which("redis-server")
@@ -61,7 +64,13 @@ class RedisServer:
         argv = ["timeout", str(self.lifetime), exe, "--save", "", "--dir", str(self.workdir)]
         argv += ["--daemonize", "no", "--logfile", str(self.log), "--databases", "1"]
         argv += ["--pidfile", str(self.pidfile)]
-        if self.address:
+        if self.address and self.tls:
+            cert, key, ca = self.tls
+            argv += ["--bind", self.address, "--port", "0", "--tls-port", str(self.port)]
+            argv += ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+            argv += ["--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+            argv += ["--protected-mode", "no"]
+        elif self.address:
             argv += ["--bind", self.address, "--port", str(self.port), "--protected-mode", "no"]
         else:
             argv += ["--port", "0", "--unixsocket", str(self.socket_path)]
@@ -97,6 +106,8 @@ class RedisServer:
             return self._ping_unix()
         argv = ["ip", "netns", "exec", self.netns] if self.netns else []
         argv += ["redis-cli", "-h", self.address, "-p", str(self.port)]
+        if self.tls:
+            argv += ["--tls", "--cacert", str(self.tls[2]), "--sni", "localhost"]
         if self.password:
             argv += ["--no-auth-warning", "-a", self.password]
         done = subprocess.run(
