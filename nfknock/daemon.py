@@ -2,9 +2,10 @@
 netfilterqueue.
 
 One packet thread.  It polls the priority queue (protected ports, SPA), the knock
-queue, the state store's outcomes and the control mailbox, and always serves the
-priority queue first: the knock queue is pumped a bounded number of packets, for a
-bounded time, before the loop looks again -- so a flood on the knock range cannot
+queue, the state store's outcomes, the change feed (what other gateways or worker
+processes claimed, granted and spent: nfknock.store.changes) and the control
+mailbox, and always serves the priority queue first: the knock queue is pumped a
+bounded number of packets, for a bounded time, before the loop looks again -- so a flood on the knock range cannot
 delay a granted connection, and SIGTERM is seen within a second under any flood.
 
 Overtaking has one catch: a client's last knocks enter the kernel before the SYN

@@ -10,7 +10,10 @@ The NFQUEUE adapter (:mod:`nfknock.daemon`):
    go to the store thread (logging and disk never delay a verdict);
 3. calls :meth:`Service.on_claims` when the store thread's fd is readable: outcomes
    confirm or void pending grants (then held packets are decided again);
-4. calls :meth:`Service.tick` a few times a second.
+4. calls :meth:`Service.tick` a few times a second;
+5. with a shared store or worker processes, calls :meth:`Service.on_changes` when
+   the feed's fd is readable: counters, digests, grants and connections spent
+   elsewhere update the core's copy (nfknock.store.changes).
 
 Reloads never stall the packet path: the new configuration is read and the new
 knock engine built in a thread (:meth:`Service.prepare_reload`), then swapped in

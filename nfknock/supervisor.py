@@ -161,7 +161,7 @@ class Supervisor:
                     if reply.get("ok"):
                         pending.discard(i)
             time.sleep(0.05)
-        if pending:
+        if pending and not self._stop:
             log.error("workers_not_ready", workers=sorted(pending), seconds=START_SECONDS)
             return 1
         return 0
@@ -456,7 +456,9 @@ def run_worker(cfg: Config, applied: Path, rules_every: float, index: int) -> in
     from nfknock.daemon import Daemon
 
     if not 0 <= index < cfg.queue.workers:
-        raise StateError(f"--worker {index}: [queue] workers is {cfg.queue.workers}")
+        print(f"nfknock run: error: --worker {index}: [queue] workers is {cfg.queue.workers}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     _die_with_parent()
     processors = structlog.get_config()["processors"]
 

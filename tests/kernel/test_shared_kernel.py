@@ -167,6 +167,9 @@ def test_a_grant_made_through_a_is_honoured_by_b_after_the_address_moves(pair: P
     pair.move_vip(pair.a)
     pair.a.send_knocks(VIP, fresh(pair))
     wait_for(lambda: any(g["destination"] == VIP for g in status(pair.b)["grants"]))
+    on_a = [g for g in status(pair.a)["grants"] if g["destination"] == VIP]
+    on_b = [g for g in status(pair.b)["grants"] if g["destination"] == VIP]
+    assert abs(on_a[0]["expires"] - on_b[0]["expires"]) < 1.0  # the same window: A's
     pair.move_vip(pair.b)  # the failover: the client's next SYN reaches B
     assert pair.b.probe(VIP, hold=0.3)["result"] == "open"
     assert events(pair.b, "protected_accept")[-1]["dst"] == VIP
