@@ -23,6 +23,10 @@ from typing import Any
 from bench import engine, spa_verify
 
 
+class _Done(Exception):
+    """Only the part asked for was run."""
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     try:
@@ -55,6 +59,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "memory": {"sources": 1_000_000},
         "metrics": {"rounds": 3, "seconds": 3.0, "rate": 50_000, "scrape_every": 1.0},
+        "shared": {"claims": 2000, "knock_runs": 50, "seconds": 3.0},
     },
     "smoke": {
         "engine": {"user_counts": (1, 100), "n": 5_000, "repeats": 1},
@@ -70,6 +75,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "memory": {"sources": 20_000},
         "metrics": {"rounds": 1, "seconds": 1.0, "rate": 20_000, "scrape_every": 0.5},
+        "shared": {"claims": 50, "knock_runs": 3, "seconds": 1.0},
     },
 }
 
@@ -209,13 +215,37 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             metrics_overhead.table(res["metrics_overhead"]),
         ]
+    if "shared" in res:
+        from bench import shared
+
+        lines.append(shared.table(res["shared"]))
     return "\n".join(lines) + "\n"
+
+
+def run_shared(b: Any, sizes: dict[str, Any]) -> dict[str, Any]:
+    """Issue 12's figures: claim latency by store, knock-to-open by backend, workers."""
+    from bench import shared
+
+    out: dict[str, Any] = {}
+    print("== claim latency (embedded, Redis)", flush=True)
+    out["claims"] = shared.claim_latency(b, sizes["claims"])
+    print(json.dumps(out["claims"]), flush=True)
+    print("== knock to open by backend", flush=True)
+    out["backends"] = shared.knock_to_open_backends(b, sizes["knock_runs"])
+    print(json.dumps(out["backends"]), flush=True)
+    print("== workers", flush=True)
+    out["workers"] = shared.workers_throughput(b, sizes["seconds"])
+    print(json.dumps(out["workers"]), flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument(
-        "what", nargs="?", default="all", choices=["all", "engine", "kernel", "metrics"]
+        "what",
+        nargs="?",
+        default="all",
+        choices=["all", "engine", "kernel", "metrics", "shared"],
     )
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -227,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         print(engine.table(res["engine"]), flush=True)
         res["spa_verify"] = spa_verify.run(**sizes["spa_verify"])
         print(spa_verify.table(res["spa_verify"]), flush=True)
-    if args.what in ("all", "kernel", "metrics"):
+    if args.what in ("all", "kernel", "metrics", "shared"):
         from bench import kernel, metrics_overhead
         from nfknock.netlab import can_run
 
@@ -242,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                     res["metrics_overhead"] = metrics_overhead.run(b, **sizes["metrics"])
                     print(metrics_overhead.table(res["metrics_overhead"]), flush=True)
                     return _write(args.out, res)
+                if args.what == "shared":
+                    res["shared"] = run_shared(b, sizes["shared"])
+                    raise _Done
                 print("== throughput", flush=True)
                 res["throughput"] = kernel.throughput(b, **sizes["throughput"])
                 print(json.dumps(res["throughput"]), flush=True)
@@ -262,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                 res["memory"] = kernel.memory(b, **sizes["memory"])
                 print("== metrics on and off", flush=True)
                 res["metrics_overhead"] = metrics_overhead.run(b, **sizes["metrics"])
+                res["shared"] = run_shared(b, sizes["shared"])
+            except _Done:
+                pass
             finally:
                 b.close()
     return _write(args.out, res)

@@ -191,6 +191,8 @@ def register(sub: Any) -> None:
         metavar="S",
         help="how often the daemon checks that its rules are in place (default: 30)",
     )
+    # [queue] workers > 1: the supervisor starts each worker as `run --worker I`.
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
 
     p = add("status", cmd_status, "live grants, counters and verdict counts of the daemon")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
@@ -585,7 +587,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return 1
     try:
-        return Daemon(cfg, Path(args.applied), args.rules_check_seconds).run()
+        applied = Path(args.applied)
+        if args.worker is not None or cfg.queue.workers > 1:
+            from nfknock import supervisor
+
+            if args.worker is not None:
+                return supervisor.run_worker(cfg, applied, args.rules_check_seconds, args.worker)
+            return supervisor.Supervisor(cfg, applied, args.rules_check_seconds).run()
+        return Daemon(cfg, applied, args.rules_check_seconds).run()
     except StateError as exc:
         print(
             f"nfknock run: error: {exc} (move it aside to start without it; "

@@ -167,6 +167,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{len(cfg.all_users)} user(s), {enabled} enabled ({cfg.users_file})"
         + (f"; {len(cfg.spa_users)} with SPA keys" if cfg.spa_users else "")
     )
+    store = cfg.state.describe()
+    where = f" ({cfg.state_path})" if cfg.state.backend == "embedded" else ""
+    workers = f"; {cfg.queue.workers} worker processes" if cfg.queue.workers > 1 else ""
+    print(f"{cfg.path}: state {store}{where}{workers}")
     return EXIT_OK
 
 

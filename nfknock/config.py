@@ -13,6 +13,7 @@ import math
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,38 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """Where claims and shared state live.  ``backend = "embedded"``: the SQLite file
+    ``Config.state_path`` (one host).  ``"redis"``: a Redis or Valkey server that every
+    gateway of a deployment shares (``url``; the password from ``password_file`` or
+    the URL; every key under ``prefix``)."""
+
+    backend: str = "embedded"
+    url: str = field(default="", repr=False)  # may carry the password: describe() hides it
+    password: str = field(default="", repr=False)
+    password_file: Path | None = None
+    prefix: str = "nfknock"
+    ca_file: Path | None = None  # rediss://: the CA that signed the server's certificate
+    timeout: float = 1.0  # seconds to connect or to answer one command
+
+    def describe(self) -> str:
+        """The backend in words, without a password."""
+        if self.backend != "redis":
+            return self.backend
+        return f"redis ({redact_url(self.url)}, prefix {self.prefix!r})"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"  # auto | json | console
@@ -196,6 +229,7 @@ class Config:
     spa: SpaConfig = SpaConfig()
     spa_users: tuple[User, ...] = ()  # users with fwknop keys (may also knock)
     metrics: MetricsConfig = MetricsConfig()
+    state: StateConfig = StateConfig()
 
     @property
     def all_users(self) -> tuple[User, ...]:
@@ -488,6 +522,105 @@ def _metrics(m: _Table, knock: KnockConfig, protected: set[int]) -> tuple[Metric
     return MetricsConfig((host, port)), warnings
 
 
+REDIS_KEYS = ("url", "password_file", "prefix", "ca_file", "timeout")
+STATE_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+def _state(st: _Table) -> tuple[StateConfig, tuple[str, ...]]:
+    """``[state]`` beyond ``path``: the backend and, for Redis/Valkey, where it is and
+    how to log in.  The password is read here (a private file, like the users file)
+    so that ``nfknock check`` finds every problem before the daemon starts."""
+    backend = st.take("backend", str, "embedded")
+    if backend not in ("embedded", "redis"):
+        raise st.error("backend", f"{backend!r} is not one of embedded, redis")
+    if backend == "embedded":
+        for name in REDIS_KEYS:
+            if name in st.data:
+                raise st.error(name, 'only used with backend = "redis"')
+        return StateConfig(), ()
+    if "url" not in st.data:
+        raise st.error("url", 'is required with backend = "redis" (e.g. "redis://10.0.0.5:6379/0")')
+    url = st.take("url", str, "")
+    parts = _redis_url(st, url)
+    warnings: tuple[str, ...] = ()
+    password = ""
+    password_file = None
+    if "password_file" in st.data:
+        password_file = _resolve(st.file, st.take("password_file", str, ""))
+        if parts.password is not None:
+            raise st.error("password_file", "the url carries a password too: give it in one place")
+        password = _read_password(st, password_file)
+    elif parts.password is not None:
+        warnings = (
+            f"{st.file}: state.url: carries the Redis password; prefer password_file (a file "
+            "only root can read) so the secret need not sit in the configuration",
+        )
+    prefix = st.take("prefix", str, "nfknock")
+    if not STATE_PREFIX.match(prefix):
+        raise st.error(
+            "prefix", f"{prefix!r} is not 1-64 of A-Z a-z 0-9 _ . : - (first alphanumeric)"
+        )
+    ca_file = None
+    if "ca_file" in st.data:
+        if parts.scheme != "rediss":
+            raise st.error("ca_file", "only used with a rediss:// (TLS) url")
+        ca_file = _resolve(st.file, st.take("ca_file", str, ""))
+        if not ca_file.is_file():
+            raise st.error("ca_file", f"{ca_file}: not a readable file")
+    timeout = st.float_in("timeout", 1.0, 0.05, 30.0)
+    state = StateConfig("redis", url, password, password_file, prefix, ca_file, timeout)
+    return state, warnings
+
+
+def _redis_url(st: _Table, url: str) -> urllib.parse.SplitResult:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise st.error("url", f"{redact_url(url)!r} is not a URL ({exc})") from None
+    shown = redact_url(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise st.error("url", f"{shown!r} must start with redis://, rediss:// (TLS) or unix://")
+    if parts.fragment:
+        raise st.error("url", f"{shown!r}: no #fragment")
+    if parts.scheme == "unix":
+        if not parts.path.startswith("/") or parts.netloc.rsplit("@", 1)[-1]:
+            raise st.error(
+                "url", f"{shown!r}: a unix:// url names a socket path (unix:///run/redis.sock)"
+            )
+        query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+        if set(query) - {"db"} or any(len(v) != 1 for v in query.values()):
+            raise st.error("url", f"{shown!r}: the only query parameter is db")
+        db = query.get("db", ["0"])[0]
+    else:
+        if not parts.hostname:
+            raise st.error("url", f"{shown!r}: no host")
+        if port == 0:
+            raise st.error("url", f"{shown!r}: port 0")
+        if parts.query:
+            raise st.error("url", f"{shown!r}: no query parameters (timeouts are state.timeout)")
+        db = parts.path.lstrip("/") or "0"
+    if not db.isdigit() or int(db) > 1_000_000:
+        raise st.error("url", f"{shown!r}: the database must be a number, not {db!r}")
+    return parts
+
+
+def _read_password(st: _Table, path: Path) -> str:
+    try:
+        check_file(path, secret=True)
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise st.error("password_file", f"{path}: not found") from None
+    except ConfigError as exc:
+        raise st.error("password_file", f"{path}: {exc.problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise st.error("password_file", f"{path}: cannot read it ({exc})") from None
+    password = text.rstrip("\r\n")
+    if not password or "\n" in password:
+        raise st.error("password_file", f"{path}: must hold the password on one line")
+    return password
+
+
 def _resolve(base: Path, text: str) -> Path:
     p = Path(text)
     return p if p.is_absolute() else (base.parent / p)
@@ -564,6 +697,7 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
 
     st = root.sub("state")
     state_path = _path(st, "path", "/var/lib/nfknock/state.db", "state")
+    state, state_warnings = _state(st)
     st.finish()
     us = root.sub("users")
     users_file = _path(us, "file", "/etc/nfknock/users.toml", "file")
@@ -597,7 +731,8 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
         users=(),
         spa=spa,
         metrics=metrics,
-        warnings=tuple(metrics_warnings),
+        state=state,
+        warnings=tuple(metrics_warnings) + state_warnings,
     )
     try:
         params = cfg.sequence_params()

@@ -26,6 +26,7 @@ against the new configuration (``GrantTable.retain``).
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,7 @@ class GrantRecord:
     remaining: int
     expires: float
     method: str = "knock"
+    ref: str = ""  # its name in shared state, if shared
 
 
 class Core:
@@ -89,12 +91,17 @@ class Core:
         *,
         spa_users: Iterable[User] = (),
         spa: SpaConfig | None = None,
+        instance: str = "",
     ) -> None:
         spa = spa or SpaConfig(ports=frozenset())
         self.s = settings
         self.grants = GrantTable(max_grants=settings.max_grants, max_behind=settings.max_sources)
         self._users: dict[str, User] = {}
         self.gate = Gate(self.grants, policy_of(settings), lambda: self._users)
+        # ``instance``: grants are shared with other gateways or workers under names
+        # "instance.id"; connections spent on them wait in ``used`` for the adapter.
+        self.gate.instance = instance
+        self.used: list[tuple[bytes, str]] = []
         self.replay = ReplayCache.for_max_age(spa.replay_cache, spa.max_age)
         tables = self.build(settings, users, spa_users, spa, wall, [])
         self._install(tables)
@@ -190,6 +197,8 @@ class Core:
         if defer and (verdict is Verdict.DROP or verdict is Verdict.REJECT):
             return Decision(Verdict.HOLD)
         if verdict is Verdict.ACCEPT and grant is not None:
+            if grant.ref:
+                self.used.append((key, grant.ref))
             reason = f"grant used, {grant.remaining} connection(s) left"
             ev = Event(EventKind.PROTECTED_ACCEPT, src, dst, grant.user, port, reason, "granted")
             return Decision(Verdict.ACCEPT, (ev,))
@@ -211,6 +220,67 @@ class Core:
 
     def note_spent(self, user: str, step: int, counter: int) -> None:
         self.knocks.note_spent(user, step, counter)
+
+    # --- shared state: what other gateways or workers did ------------------------------
+
+    def take_used(self) -> list[tuple[bytes, str]]:
+        """Connections spent here on shared grants: (key, ref), for the others."""
+        out, self.used = self.used, []
+        return out
+
+    def note_digest(self, digest: bytes, until: float, wall: float) -> None:
+        """An SPA payload claimed elsewhere, to be remembered until ``until``: refused
+        here at once from now on (a full local cache leaves it to the store, which
+        refuses it too)."""
+        self.replay.claim(digest, wall, good_until=until)
+
+    def add_shared_grant(self, record: GrantRecord, wall: float, mono: float) -> list[Event]:
+        """A grant confirmed elsewhere (its claim won in the shared store): honoured
+        here too, cut to what this configuration allows.  A ref known here already
+        (our own grant, or one delivered twice) changes nothing."""
+        key = record.src + record.dst
+        if not record.ref or self.grants.find_ref(key, record.ref) is not None:
+            return []
+        grant = self._admit(record, wall, mono)
+        if grant is None:
+            return []
+        events = self.grants.add(key, grant)
+        reason = (
+            f"granted elsewhere: ports {','.join(map(str, sorted(grant.ports)))} until "
+            f"{record.expires:.0f}, {grant.remaining} connection(s)"
+        )
+        code = f"shared_{grant.method}"
+        ev = Event(EventKind.GRANT_SHARED, record.src, record.dst, grant.user, None, reason, code)
+        return [*events, ev]
+
+    def resync_grants(
+        self, records: Iterable[GrantRecord], wall: float, mono: float, wiped: bool = False
+    ) -> list[Event]:
+        """Bring the shared grants in line with a full snapshot of the store: new
+        ones added, connections spent elsewhere meanwhile taken off, shared grants
+        the store no longer holds (spent or expired there) dropped -- unless the
+        store came back ``wiped``, when it knows nothing and ours stay."""
+        events: list[Event] = []
+        seen = set()
+        for record in records:
+            key = record.src + record.dst
+            seen.add((key, record.ref))
+            grant = self.grants.find_ref(key, record.ref)
+            if grant is None:
+                events += self.add_shared_grant(record, wall, mono)
+            elif grant.confirmed and record.remaining < grant.remaining:
+                grant.remaining = record.remaining
+        if not wiped:
+            for key, grant in list(self.grants.items()):
+                if grant.ref and grant.confirmed and (key, grant.ref) not in seen:
+                    self.grants.void(key, grant.id)
+        return events
+
+    def spend_shared(self, key: bytes, ref: str) -> None:
+        """A connection of the shared grant ``ref`` was spent elsewhere."""
+        grant = self.grants.find_ref(key, ref)
+        if grant is not None:
+            self.grants.spend(key, grant)
 
     # --- time -----------------------------------------------------------------------
 
@@ -327,6 +397,7 @@ class Core:
                 g.remaining,
                 wall + (g.expires - mono),
                 g.method,
+                g.ref,
             )
             for key, g in self.grants.items()
             if g.confirmed and g.expires > mono and g.remaining > 0
@@ -340,20 +411,30 @@ class Core:
     def restore_grants(self, records: Iterable[GrantRecord], wall: float, mono: float) -> int:
         """Re-instate stored grants, each cut to what the configuration allows now."""
         restored = 0
-        policy = self.gate.policy
         for r in records:
-            expires = mono + min(
-                r.expires - wall, max(policy.open_seconds, policy.max_open_seconds)
-            )
-            user = self._users.get(r.user)
-            ports = r.ports & policy.ports_for(user, r.dst)
-            remaining = min(r.remaining, policy.max_connections)
-            if not ports or remaining <= 0 or expires <= mono:
-                continue
-            grant = Grant(self.gate.new_id(), r.user, ports, remaining, expires, True, r.method)
-            self.grants.add(r.src + r.dst, grant)
-            restored += 1
+            grant = self._admit(r, wall, mono)
+            if grant is not None:
+                self.grants.add(r.src + r.dst, grant)
+                restored += 1
         return restored
+
+    def _admit(self, r: GrantRecord, wall: float, mono: float) -> Grant | None:
+        """A stored or shared grant as a live one, cut to what the configuration
+        allows now; None if nothing is left."""
+        policy = self.gate.policy
+        expires = mono + min(r.expires - wall, max(policy.open_seconds, policy.max_open_seconds))
+        user = self._users.get(r.user)
+        ports = r.ports & policy.ports_for(user, r.dst)
+        remaining = min(r.remaining, policy.max_connections)
+        if not ports or remaining <= 0 or expires <= mono:
+            return None
+        ref = r.ref
+        if not ref and self.gate.instance:
+            # Restored from a store that keeps no names (the embedded file, shared by
+            # worker processes): every worker derives the same one, so a connection
+            # spent on one of them is spent on all.
+            ref = "r." + hashlib.sha256(repr(r).encode()).hexdigest()[:20]
+        return Grant(self.gate.new_id(), r.user, ports, remaining, expires, True, r.method, ref)
 
 
 def _drop(src: bytes, dst: bytes, port: int, reason: str, code: str) -> Decision:

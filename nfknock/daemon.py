@@ -2,10 +2,12 @@
 netfilterqueue.
 
 One packet thread.  It polls the priority queue (protected ports, SPA), the knock
-queue, the state store's outcomes and the control mailbox, and always serves the
-priority queue first: the knock queue is pumped a bounded number of packets, for a
-bounded time, before the loop looks again -- so a flood on the knock range cannot
-delay a granted connection, and SIGTERM is seen within a second under any flood.
+queue, the state store's outcomes, the change feed (what other gateways or worker
+processes claimed, granted and spent: nfknock.store.changes) and the control
+mailbox, and always serves the priority queue first: the knock queue is pumped a
+bounded number of packets, for a bounded time, before the loop looks again -- so a
+flood on the knock range cannot delay a granted connection, and SIGTERM is seen
+within a second under any flood.
 
 Overtaking has one catch: a client's last knocks enter the kernel before the SYN
 that relies on them, but sit in the other queue.  So a protected SYN that finds no
@@ -53,7 +55,14 @@ from nfknock.logs import EventLogger
 from nfknock.nfq import VerdictQueue
 from nfknock.packet import COPY_RANGE
 from nfknock.sdnotify import notify, watchdog_interval
-from nfknock.service import PreparedReload, Restored, Service, queue_stats
+from nfknock.service import (
+    PreparedReload,
+    Restored,
+    Service,
+    WorkerRole,
+    open_state,
+    queue_stats,
+)
 
 if TYPE_CHECKING:
     from nfknock.metrics_http import MetricsServer
@@ -153,6 +162,36 @@ class RulesWatch:
         self._stop = True
         self._wake.set()
 
+    def report(self, seen: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        """Log the findings when they differ from ``seen`` (errors: every protected
+        port may be open, or bypassed, while they last); returns what was seen."""
+        result = self.result
+        if result is None:
+            return seen
+        _, problems = result
+        now = tuple(sorted(f"{p.code}:{p.family}:{p.detail}" for p in problems))
+        if now == seen:
+            return seen
+        for p in problems:
+            log.error("rules_problem", code=p.code, family=p.family, error=p.detail, fix=p.fix)
+        if not problems:
+            log.info("rules_ok", detail="nfknock's rules are installed, complete and first")
+        return now
+
+    def status(self) -> dict[str, Any]:
+        result = self.result
+        if result is None:
+            return {"ok": None, "checked": None, "problems": []}
+        when, problems = result
+        return {
+            "ok": not problems,
+            "checked": round(when, 3),
+            "problems": [
+                {"code": p.code, "family": p.family, "detail": p.detail, "fix": p.fix}
+                for p in problems
+            ],
+        }
+
     def _run(self) -> None:
         while not self._stop:
             try:
@@ -170,8 +209,21 @@ class Daemon:
         cfg: Config,
         applied: Path = DEFAULT_APPLIED,
         rules_every: float = RULES_CHECK_SECONDS,
+        role: WorkerRole | None = None,
     ) -> None:
-        self.service = Service(cfg, EventLogger())
+        # ``role``: one worker of several under nfknock.supervisor, which holds the
+        # state lock, the control socket and the rules (watch and re-apply).
+        self.role = role
+        if role is None:
+            self.service = Service(cfg, EventLogger())
+        else:
+            store, sharing, instance = open_state(cfg, role)
+            self.service = Service(
+                cfg, EventLogger(), store=store, sharing=sharing, instance=instance
+            )
+            embedded = cfg.state.backend == "embedded"
+            self.service.finish_on_stop = role.index == 0 or not embedded
+            self.service.begin_on_restore = not embedded
         self.applied = applied
         self.rules = RulesWatch(cfg, applied, rules_every)
         self._rules_seen: tuple[str, ...] | None = None
@@ -189,6 +241,7 @@ class Daemon:
         self.defer = cfg.queue.knock_number != cfg.queue.number
         self._reload_waiters: list[Future[dict[str, Any]]] = []
         self.metrics: MetricsServer | None = None  # [metrics] listen (nfknock.metrics_http)
+        self._knock_numbers: range = cfg.queue.knock_queues()
 
     # --- the packet path ------------------------------------------------------
 
@@ -268,34 +321,10 @@ class Daemon:
             log.error("housekeeping_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _report_rules(self) -> None:
-        """Log the rules thread's findings when they change (errors: every protected
-        port may be open, or bypassed, while they last)."""
-        result = self.rules.result
-        if result is None:
-            return
-        _, problems = result
-        seen = tuple(sorted(f"{p.code}:{p.family}:{p.detail}" for p in problems))
-        if seen == self._rules_seen:
-            return
-        self._rules_seen = seen
-        for p in problems:
-            log.error("rules_problem", code=p.code, family=p.family, error=p.detail, fix=p.fix)
-        if not problems:
-            log.info("rules_ok", detail="nfknock's rules are installed, complete and first")
+        self._rules_seen = self.rules.report(self._rules_seen)
 
     def rules_status(self) -> dict[str, Any]:
-        result = self.rules.result
-        if result is None:
-            return {"ok": None, "checked": None, "problems": []}
-        when, problems = result
-        return {
-            "ok": not problems,
-            "checked": round(when, 3),
-            "problems": [
-                {"code": p.code, "family": p.family, "detail": p.detail, "fix": p.fix}
-                for p in problems
-            ],
-        }
+        return self.rules.status()
 
     # --- reload: read and build in a thread, swap here ------------------------------
 
@@ -307,8 +336,10 @@ class Daemon:
             try:
                 prepared = self.service.prepare_reload(snapshot)
                 # The new configuration's rules, atomically per family; refused ->
-                # the old rules and the old configuration stay.
-                rules.apply(prepared.cfg, self.applied)
+                # the old rules and the old configuration stay.  (A worker's
+                # supervisor applied them before asking it to reload.)
+                if self.role is None:
+                    rules.apply(prepared.cfg, self.applied)
                 result.append(prepared)
             except Exception as exc:
                 result.append(exc)
@@ -354,7 +385,10 @@ class Daemon:
             status = self.service.status(stats)
             status["held_packets"] = len(self._held)
             status["reloading"] = self._reloading is not None
-            status["rules"] = self.rules_status()
+            if self.role is None:
+                status["rules"] = self.rules_status()
+            else:
+                status["worker"] = self.role.index
             fut.set_result({"ok": True, "status": status})
         elif command == "metrics":
             fut.set_result({"ok": True, "metrics": self.metrics_snapshot()})
@@ -398,14 +432,19 @@ class Daemon:
         queues: list[_Queue] = []
         knock: list[VerdictQueue] = []
         control: ControlServer | None = None
+        priority_numbers, knock_numbers = cfg.queue.priority_queues(), cfg.queue.knock_queues()
+        if self.role is not None:  # this worker's slice of each --queue-balance range
+            priority_numbers = range(cfg.queue.number + self.role.index, priority_numbers.stop)[:1]
+            knock_numbers = range(cfg.queue.knock_number + self.role.index, knock_numbers.stop)[:1]
+        self._knock_numbers = knock_numbers
         try:
             try:
-                for number in cfg.queue.priority_queues():
+                for number in priority_numbers:
                     queues.append(
                         _Queue(number, self.handle, cfg.queue.max_len, PRIORITY_COPY_RANGE)
                     )
                 priority = list(queues)
-                for number in cfg.queue.knock_queues():
+                for number in knock_numbers:
                     knock.append(
                         VerdictQueue.bind(
                             number,
@@ -426,12 +465,16 @@ class Daemon:
                     reason="another process may hold the queue, or CAP_NET_ADMIN is missing",
                 )
                 return 1
+            socket_path = cfg.control_socket
+            if self.role is not None:
+                socket_path = self.role.directory / f"worker-{self.role.index}.sock"
             try:
-                control = ControlServer(cfg.control_socket, self.mailbox)
+                control = ControlServer(socket_path, self.mailbox)
             except (ControlError, OSError) as exc:
                 log.error("control_socket_failed", error=str(exc))
                 return 1
-            self.rules.start()
+            if self.role is None:
+                self.rules.start()
             self._start_metrics(cfg)
             return self._loop(cfg, restored, priority, knock)
         finally:
@@ -467,9 +510,9 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
         signal.signal(signal.SIGINT, lambda *_: setattr(self, "_stop", True))
         log.info(
-            "started",
-            queue=cfg.queue.number,
-            knock_queue=cfg.queue.knock_number,
+            "started" if self.role is None else "worker_started",
+            queue=priority[0].number if priority else cfg.queue.number,
+            knock_queue=self._knock_numbers[0] if self._knock_numbers else cfg.queue.knock_number,
             max_len=cfg.queue.max_len,
             users=len(cfg.users),
             protected=sorted(cfg.protected_ports),
@@ -492,8 +535,10 @@ class Daemon:
         for fd in [*(q.fileno() for q in priority), *(k.fd for k in knock)]:
             poller.register(fd, select.POLLIN)
         claims_fd, mail_fd = self.service.claims_fd(), self.mailbox.fileno()
-        for fd in (wake_r.fileno(), claims_fd, mail_fd):
-            poller.register(fd, select.POLLIN)
+        changes_fd = self.service.changes_fd()  # other gateways or workers (None: alone)
+        for extra in (wake_r.fileno(), claims_fd, mail_fd, changes_fd):
+            if extra is not None:
+                poller.register(extra, select.POLLIN)
         try:
             while not self._stop:
                 timeout = max(0, int((self._next_housekeeping - time.monotonic()) * 1000))
@@ -504,6 +549,8 @@ class Daemon:
                         q.pump(1 << 30, deadline)
                 if claims_fd in ready and self.service.on_claims() and self._held:
                     self._redecide_held()
+                if changes_fd in ready and self.service.on_changes() and self._held:
+                    self._redecide_held()  # e.g. a grant made on another worker
                 for k in knock:
                     if k.fd in ready:
                         try:

@@ -27,6 +27,7 @@ class EventKind(enum.Enum):
     GRANT_EXPIRED = "grant_expired"
     GRANT_REVOKED = "grant_revoked"
     GRANT_NARROWED = "grant_narrowed"
+    GRANT_SHARED = "grant_shared"  # a grant made on another gateway or worker, honoured here
     SPA_ACCEPTED = "spa_accepted"
     SPA_REFUSED = "spa_refused"
     CLAIM_FAILED = "claim_failed"

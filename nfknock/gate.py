@@ -89,6 +89,7 @@ class ClaimRequest:
     remaining: int
     expires: float
     method: str
+    ref: str = ""  # the grant's name in shared state ("" when nothing is shared)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,9 @@ class Gate:
         # claim id (= grant id) -> (key, user, seconds) of the grant waiting for it
         self._pending: dict[int, tuple[bytes, str, float]] = {}
         self._next_id = 1
+        # Set when grants are shared (Redis, worker processes): every grant gets a
+        # name unique to this process, ``instance.id``, that the others know it by.
+        self.instance = ""
 
     def earn(self, access: Access, wall: float, mono: float) -> list[Event]:
         src, dst = access.src, access.dst
@@ -158,6 +162,7 @@ class Gate:
             mono + seconds,
             confirmed=False,
             method=access.method,
+            ref=f"{self.instance}.{claim_id}" if self.instance else "",
         )
         events = self.grants.add(key, grant)
         self._pending[claim_id] = (key, access.user, seconds)
@@ -171,6 +176,7 @@ class Gate:
                 grant.remaining,
                 wall + seconds,
                 access.method,
+                grant.ref,
             )
         )
         return events

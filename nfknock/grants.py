@@ -47,6 +47,9 @@ class Grant:
     expires: float  # monotonic
     confirmed: bool = False
     method: str = "knock"
+    # The grant's name in shared state (another gateway or worker knows it by it);
+    # "" when nothing is shared.
+    ref: str = ""
 
 
 @dataclass(slots=True)
@@ -115,6 +118,18 @@ class GrantTable:
             if grant.id == grant_id:
                 return grant
         return None
+
+    def find_ref(self, key: bytes, ref: str) -> Grant | None:
+        for grant in self._grants.get(key, ()):
+            if grant.ref == ref:
+                return grant
+        return None
+
+    def spend(self, key: bytes, grant: Grant) -> None:
+        """One connection of ``grant`` was used elsewhere (another gateway or worker)."""
+        grant.remaining -= 1
+        if grant.remaining <= 0:
+            self._remove(key, grant)
 
     def confirm(self, key: bytes, grant_id: int) -> Grant | None:
         grant = self.find(key, grant_id)

@@ -10,7 +10,10 @@ The NFQUEUE adapter (:mod:`nfknock.daemon`):
    go to the store thread (logging and disk never delay a verdict);
 3. calls :meth:`Service.on_claims` when the store thread's fd is readable: outcomes
    confirm or void pending grants (then held packets are decided again);
-4. calls :meth:`Service.tick` a few times a second.
+4. calls :meth:`Service.tick` a few times a second;
+5. with a shared store or worker processes, calls :meth:`Service.on_changes` when
+   the feed's fd is readable: counters, digests, grants and connections spent
+   elsewhere update the core's copy (nfknock.store.changes).
 
 Reloads never stall the packet path: the new configuration is read and the new
 knock engine built in a thread (:meth:`Service.prepare_reload`), then swapped in
@@ -20,6 +23,7 @@ between packets (:meth:`Service.finish_reload`), with every grant re-checked.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,6 +39,17 @@ from nfknock.logs import EventLogger
 from nfknock.packet import MalformedPacket, parse_key
 from nfknock.spa.packet import parse_spa_packet
 from nfknock.store import Snapshot, StateError, StateStore
+from nfknock.store.changes import (
+    Change,
+    Granted,
+    Hello,
+    Link,
+    Resync,
+    SeenDigest,
+    Sharing,
+    Spent,
+    Used,
+)
 from nfknock.store.embedded import EmbeddedStore
 from nfknock.store.worker import StoreWorker
 
@@ -46,6 +61,50 @@ def open_store(cfg: Config, *, lock: bool = True) -> StateStore:
         max_age=cfg.spa.max_age,
         lock=lock,
     )
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process is worker ``index`` of ``count`` under a supervisor
+    (nfknock.supervisor); ``directory``: their private directory (feed sockets)."""
+
+    index: int
+    count: int
+    directory: Path
+
+
+def open_state(
+    cfg: Config, role: WorkerRole | None = None
+) -> tuple[StateStore, Sharing | None, str]:
+    """The store, how this process shares with others (None: it does not), and its
+    name among them.  Redis: the stream feed.  Embedded: nothing for a lone daemon
+    (exactly as before); the local feed among workers, which share the file (the
+    supervisor holds its lock)."""
+    origin = secrets.token_hex(6)
+    if cfg.state.backend == "redis":
+        try:
+            from nfknock.store.redis import RedisStore
+            from nfknock.store.redisfeed import RedisFeed
+        except ImportError as exc:
+            raise StateError(
+                f'{cfg.path}: state.backend = "redis" needs the redis package '
+                f"(pip install 'nfknock[redis]'): {exc}"
+            ) from None
+        redis_store = RedisStore(
+            cfg.state,
+            origin=origin,
+            replay_cache=cfg.spa.replay_cache,
+            max_age=cfg.spa.max_age,
+            step_seconds=cfg.knock.step_seconds,
+            skew_steps=cfg.knock.skew_steps,
+        )
+        return redis_store, RedisFeed(redis_store), origin
+    if role is None:
+        return open_store(cfg), None, ""
+    from nfknock.store.localfeed import LocalFeed
+
+    store = open_store(cfg, lock=False)
+    return store, LocalFeed(role.directory, role.index, role.count, origin), origin
 
 
 @dataclass
@@ -72,19 +131,33 @@ class Service:
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
         store: StateStore | None = None,
+        sharing: Sharing | None = None,
+        instance: str = "",
     ) -> None:
         self.cfg = cfg
         self.events = events
         self.wall = wall
         self.mono = mono
+        if store is None:
+            store, sharing, instance = open_state(cfg)
+        self.sharing = sharing
         self.core = Core(
             EngineSettings.from_config(cfg),
             cfg.users,
             wall(),
             spa_users=cfg.spa_users,
             spa=cfg.spa,
+            instance=instance,
         )
-        self.store = StoreWorker(store if store is not None else open_store(cfg), wall)
+        self.store = StoreWorker(store, wall, on_won=sharing.claimed if sharing else None)
+        # A worker other than the first leaves the clean-exit record to worker 0,
+        # which stops last and knows every grant (nfknock.supervisor).
+        self.finish_on_stop = True
+        # Workers on the embedded file leave "in use" to their supervisor, which marks
+        # it once all of them have read the grants of the last clean exit.
+        self.begin_on_restore = True
+        self.reachable = True  # a shared store: its feed is connected
+        self.shared_grants = 0  # grants made elsewhere and honoured here
         self.verdicts = [0, 0, 0, 0]  # indexed by Verdict
         self.pending: list[Event] = []  # events of the decisions since the last settle
         self.now = mono()  # the monotonic time of the latest packet
@@ -116,27 +189,36 @@ class Service:
         )
         writable = True
         try:
-            self.store.call(lambda s: s.begin())
+            if self.begin_on_restore:
+                self.store.call(lambda s: s.begin())
         except StateError as exc:
             writable = False
             self.state_error = str(exc)
         grants = self.core.restore_grants(snap.grants, wall, mono) if writable else 0
         self.core.restore_digests(snap.digests, wall)
         self._horizon = self.core.knocks.replay_horizon()
+        if self.sharing is not None:
+            self.sharing.start(snap.position)
         return Restored(counters, grants, snap.clean, snap.fresh, writable)
 
     def stop(self) -> None:
         """An orderly exit: wait briefly for claims under way, save the live grants
         and mark the state clean."""
         self.flush_claims(timeout=2.0)
+        self.settle()  # connections spent on shared grants: tell the others first
         wall, mono = self.wall(), self.mono()
         grants = self.core.grant_records(wall, mono)
         high, pruned = self.core.knocks.replay_horizon()
         try:
-            self.store.call(lambda s: s.finish(grants, high, pruned))
+            if self.finish_on_stop:
+                self.store.call(lambda s: s.finish(grants, high, pruned))
+            else:
+                self.store.call(lambda s: s.save_horizon(high, pruned))
         finally:
             self.store.call(lambda s: s.close())
             self.store.close()
+            if self.sharing is not None:
+                self.sharing.close()
 
     # --- packets -------------------------------------------------------------
 
@@ -225,6 +307,14 @@ class Service:
         claims = self.core.gate.outbox
         if claims:
             self.store.submit(self.core.take_claims())
+        if self.core.used and self.sharing is not None:
+            used, sharing = self.core.take_used(), self.sharing
+
+            def tell(_store: StateStore) -> None:
+                for key, ref in used:
+                    sharing.used(key, ref)
+
+            self.store.submit_call(tell)
 
     def claims_fd(self) -> int:
         return self.store.fileno()
@@ -241,6 +331,83 @@ class Service:
                 self.state_error = ""
             self._handle_events(self.core.resolve(outcome, mono))
         return len(outcomes)
+
+    # --- what other gateways and workers did (the change feed) ---------------------------
+
+    def changes_fd(self) -> int | None:
+        return self.sharing.fileno() if self.sharing is not None else None
+
+    def on_changes(self) -> int:
+        """Apply what the feed brought (between packets); returns how many changes."""
+        if self.sharing is None:
+            return 0
+        changes = self.sharing.drain()
+        for change in changes:
+            try:
+                self._apply(change)
+            except Exception as exc:  # a bug must not stop the feed (the store decides)
+                self.internal_error(exc, b"")
+        return len(changes)
+
+    def _apply(self, change: Change) -> None:
+        wall, mono = self.wall(), self.mono()
+        if isinstance(change, Spent):
+            self.core.note_spent(change.user, change.step, change.counter)
+        elif isinstance(change, SeenDigest):
+            self.core.note_digest(change.digest, change.until, wall)
+        elif isinstance(change, Granted):
+            events = self.core.add_shared_grant(change.record, wall, mono)
+            self.shared_grants += bool(events)
+            self._handle_events(events)
+        elif isinstance(change, Used):
+            self.core.spend_shared(change.key, change.ref)
+        elif isinstance(change, Hello) and self.sharing is not None:
+            records = self.core.grant_records(wall, mono)
+            sharing, worker = self.sharing, change.worker
+            self.store.submit_call(lambda _s: sharing.welcome(worker, records))
+        elif isinstance(change, Resync):
+            self._resync(change, wall, mono)
+        elif isinstance(change, Link):
+            self._link(change)
+
+    def _resync(self, change: Resync, wall: float, mono: float) -> None:
+        snap = change.snapshot
+        for user, step, window in snap.windows:
+            self.core.knocks.merge_window(user, step, window)
+        for digest, when in snap.digests:
+            self.core.note_digest(digest, when, wall)
+        self._handle_events(self.core.resync_grants(snap.grants, wall, mono, change.wiped))
+
+    def _link(self, change: Link) -> None:
+        log = self.events.log
+        if not change.up:
+            self.reachable = False
+            self.state_error = change.detail
+            log.error(
+                "state_unreachable",
+                error=change.detail,
+                reason="no claim can be won: nothing new opens; known grants keep working",
+            )
+            return
+        was_down = not self.reachable
+        self.reachable = True
+        self.state_error = ""
+        if self.sharing is not None:
+            sharing = self.sharing
+            self.store.submit_call(lambda _s: sharing.resume())
+        if change.wiped:
+            # The store came back empty: give it what this process knows (floors
+            # only rise), then claims resume.  No grant of ours is lost: they stay.
+            windows = self.core.snapshot_windows()
+            keep = self.core.replay.keep
+            digests = [
+                (bytes.fromhex(str(d)), float(expiry) - keep)
+                for d, expiry in self.core.replay.export()
+            ]
+            self.store.submit_call(lambda s: s.reseed(windows, digests))  # type: ignore[attr-defined]
+            log.warning("state_reseeded", windows=len(windows), digests=len(digests))
+        if was_down:
+            log.info("state_reachable", store=self.store.store.description)
 
     def flush_claims(self, timeout: float = 5.0) -> int:
         """Wait until every submitted claim is resolved (tests, shutdown)."""
@@ -300,6 +467,8 @@ class Service:
             raise ConfigError(new.path, "queue", "changing the queues needs a restart")
         if new.state_path != self.cfg.state_path:
             raise ConfigError(new.path, "state.path", "changing the state file needs a restart")
+        if new.state != self.cfg.state:
+            raise ConfigError(new.path, "state", "changing the state store needs a restart")
         settings = EngineSettings.from_config(new)
         changed = settings != self.core.s
         tables = self.core.build(settings, new.users, new.spa_users, new.spa, self.wall(), snapshot)
@@ -360,13 +529,17 @@ class Service:
             "internal_errors": self.errors,
             "state": {
                 "store": worker.store.description,
+                "backend": self.cfg.state.backend,
                 "ok": not self.state_error,
                 "error": self.state_error,
+                "reachable": self.reachable,
                 "claims": worker.claims,
                 "claim_failures": self.claim_failures,
                 "pending_claims": self.core.gate.pending_count(),
                 "claim_busy_seconds": busy,
                 "last_claim_ms": round(worker.last_claim_seconds * 1000, 2),
+                "shared_grants": self.shared_grants,
+                "feed": self.sharing.status() if self.sharing is not None else None,
             },
             "queue": queue_stats or {},
         }

@@ -282,3 +282,76 @@ def test_spa_can_be_switched_off_and_may_sit_on_an_excluded_port(tmp_path: Path)
         write(tmp_path, "[knock]\nexclude = [2000]\n[spa]\nports = [2000]\n" + MINIMAL)
     )
     assert inside.spa.ports == frozenset({2000})
+
+
+# --- [state]: the backend ------------------------------------------------------------
+
+
+def test_the_state_backend_is_embedded_unless_redis_is_chosen(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.state.backend == "embedded" and cfg.state.url == ""
+    text = MINIMAL + '[state]\nbackend = "redis"\nurl = "rediss://:pw@10.0.0.5:6380/2"\n'
+    cfg = load_config(write(tmp_path, text))
+    assert (cfg.state.backend, cfg.state.prefix, cfg.state.timeout) == ("redis", "nfknock", 1.0)
+    assert cfg.state.describe() == "redis (rediss://:***@10.0.0.5:6380/2, prefix 'nfknock')"
+    assert any("prefer password_file" in w for w in cfg.warnings)
+    assert "pw" not in repr(cfg.state)
+
+
+def test_the_redis_password_comes_from_a_private_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "redis.pw").write_text("hunter2-and-more\n")
+    (tmp_path / "redis.pw").chmod(0o600)
+    text = (
+        MINIMAL + '[state]\nbackend = "redis"\nurl = "unix:///run/redis/redis.sock?db=1"\n'
+        'password_file = "redis.pw"\nprefix = "gw-pair.1"\ntimeout = 0.25\n'
+    )
+    path = write(tmp_path, text)
+    cfg = load_config(path)
+    assert cfg.state.password == "hunter2-and-more"  # noqa: S105
+    assert cfg.state.prefix == "gw-pair.1"
+    assert "hunter2" not in repr(cfg)
+    assert main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "state redis (unix:///run/redis/redis.sock?db=1, prefix 'gw-pair.1')" in out
+    assert "hunter2" not in out
+    (tmp_path / "redis.pw").chmod(0o640)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "state.password_file" and "chmod 600" in info.value.problem
+
+
+REDIS = '[state]\nbackend = "redis"\n'
+
+
+@pytest.mark.parametrize(
+    ("state", "key", "problem"),
+    [
+        ('[state]\nbackend = "etcd"\n', "state.backend", "not one of embedded, redis"),
+        ('[state]\nurl = "redis://h"\n', "state.url", 'only used with backend = "redis"'),
+        ('[state]\nprefix = "x"\n', "state.prefix", "only used with"),
+        (REDIS, "state.url", "is required"),
+        (REDIS + 'url = "http://h"\n', "state.url", "must start with redis://"),
+        (REDIS + 'url = "redis://"\n', "state.url", "no host"),
+        (REDIS + 'url = "redis://h:99999"\n', "state.url", "is not a URL"),
+        (REDIS + 'url = "redis://h/x"\n', "state.url", "must be a number"),
+        (REDIS + 'url = "redis://h?socket_timeout=9"\n', "state.url", "no query"),
+        (REDIS + 'url = "unix://host/sock"\n', "state.url", "names a socket path"),
+        (REDIS + 'url = "redis://h"\nprefix = "a b"\n', "state.prefix", "is not 1-64"),
+        (REDIS + 'url = "redis://h"\nprefix = ""\n', "state.prefix", "is not 1-64"),
+        (REDIS + 'url = "redis://h"\ntimeout = 0\n', "state.timeout", "outside"),
+        (REDIS + 'url = "redis://h"\nca_file = "x"\n', "state.ca_file", "only used with a rediss"),
+        (REDIS + 'url = "rediss://h"\nca_file = "nope.pem"\n', "state.ca_file", "not a readable"),
+        (REDIS + 'url = "redis://h"\npassword_file = "nope"\n', "state.password_file", "not found"),
+        (REDIS + 'url = "redis://:pw@h"\npassword_file = "users.toml"\n', "state.password_file",
+         "in one place"),
+        (REDIS + 'url = "redis://h"\nhost = "h"\n', "state.host", "unknown key"),
+    ],
+)  # fmt: skip
+def test_state_errors_name_the_key(tmp_path: Path, state: str, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, MINIMAL + state))
+    assert info.value.key == key
+    assert problem in info.value.problem
+    assert "pw@" not in str(info.value)

@@ -11,15 +11,19 @@ from nfknock_client.knock import send_connect_knocks, send_raw_knocks
 
 
 def send_from(source: str, address: str, ports: list[int], pace: float) -> None:
-    """Like the client's sender, bound to one local address (another source)."""
+    """Like the client's sender, bound to one local address (another source).
+    ``address`` may be several, comma-separated: each knock goes to each in turn
+    (two gateways completing the same sequence at the same instant)."""
+    addresses = address.split(",")
     fam = socket.AF_INET6 if ":" in address else socket.AF_INET
     for port in ports:
-        with socket.socket(fam, socket.SOCK_STREAM) as s:
-            s.bind((source, 0))
-            s.setblocking(False)
-            err = s.connect_ex((address, port))
-            if err not in (0, errno.EINPROGRESS):
-                raise OSError(err, "knock failed")
+        for one in addresses:
+            with socket.socket(fam, socket.SOCK_STREAM) as s:
+                s.bind((source, 0))
+                s.setblocking(False)
+                err = s.connect_ex((one, port))
+                if err not in (0, errno.EINPROGRESS):
+                    raise OSError(err, "knock failed")
         time.sleep(pace)
 
 

@@ -17,7 +17,10 @@ thread, :mod:`nfknock.store.worker`), never from the packet path:
 * :meth:`~StateStore.finish` -- an orderly exit: the live grants and "clean".
 
 Backends: :mod:`nfknock.store.embedded` (SQLite in one file, the default: one host,
-several processes) and, later, Redis/Valkey for several gateways.
+several processes) and :mod:`nfknock.store.redis` (Redis/Valkey, shared by several
+gateways).  What others did reaches this process's in-memory copy through a change
+feed (:mod:`nfknock.store.changes`): the Redis stream, or a local feed among worker
+processes (:mod:`nfknock.store.localfeed`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class Snapshot:
     grants: list[GrantRecord] = field(default_factory=list)
     clean: bool = True  # the previous run ended in an orderly way (or there was none)
     fresh: bool = False  # no state existed
+    position: str = ""  # a shared store: where its change feed stood at this snapshot
 
 
 class StateStore(Protocol):

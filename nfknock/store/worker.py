@@ -34,9 +34,17 @@ CLAIM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 
 
 class StoreWorker:
-    def __init__(self, store: StateStore, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        wall: Callable[[], float] = time.time,
+        on_won: Callable[[ClaimRequest], None] | None = None,
+    ) -> None:
         self.store = store
         self._wall = wall
+        # Told of every won claim, on this thread, before its outcome is handed on
+        # (the local feed among workers sends it to the siblings here).
+        self._on_won = on_won
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._outcomes: deque[ClaimOutcome] = deque()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -109,6 +117,11 @@ class StoreWorker:
                     self.last_error_at = self._wall()
                 elif outcome.outcome is Outcome.WON:
                     self.last_error = ""
+                    if self._on_won is not None:
+                        try:
+                            self._on_won(item)
+                        except Exception as exc:  # sharing is best effort; the claim stands
+                            self.last_error = f"sharing: {type(exc).__name__}: {exc}"
                 self._outcomes.append(outcome)
                 with contextlib.suppress(BlockingIOError):
                     self._wake_w.send(b"!")
