@@ -116,3 +116,56 @@ def syn(
 
 def kinds(decisions: Iterable[Decision]) -> list[EventKind]:
     return [e.kind for d in decisions for e in d.events]
+
+
+def check_engine(core: Core) -> None:
+    """The knock engine's tables agree with each other (white-box invariants):
+
+    * every anchor entry of a step's start index names a slot that holds a candidate
+      of that step with that first port, and every such slot is indexed once;
+    * each step's partner lists are exactly those its candidates imply;
+    * ``near`` counts the partner entries at each port;
+    * every user's wanted candidates exist in every fully built step;
+    * every tracked source pins its tier-0 slot.
+    """
+    engine = core.knocks
+    table = engine._table
+    k = table.k
+    near = [0] * 65536
+    for step, idx in table.steps.items():
+        held: set[int] = set()
+        for g in range(len(table.gstep)):
+            if table.gstep[g] == step and table.ggen[g] == idx.gen:
+                held.update(table.held(g).values())
+        partners: dict[int, list[int]] = {}
+        anchored: list[int] = []
+        for s in held:
+            ports = [p for p in table.prefix[s * k : s * k + k] if p]
+            if len(ports) < 2:
+                continue
+            anchored.append(s)
+            partners.setdefault(ports[0], []).extend(ports[1:])
+            for f in ports[1:]:
+                partners.setdefault(f, []).append(ports[0])
+        indexed = [s for slots in idx.anchors.values() for s in slots]
+        assert sorted(indexed) == sorted(anchored), f"step {step}: anchors"
+        assert all(idx.partners.values()), f"step {step}: empty partner lists"
+        for port, slots in idx.anchors.items():
+            assert slots, f"step {step}: empty anchor list"
+            for s in slots:
+                assert table.prefix[s * k] == port
+        assert {p: sorted(v) for p, v in idx.partners.items()} == {
+            p: sorted(v) for p, v in partners.items()
+        }, f"step {step}: partners"
+        for port, arr in idx.partners.items():
+            near[port] += len(arr)
+    assert near == table.near
+    for step in engine._built:
+        for uidx, user in enumerate(engine._ulist):
+            if not user.enabled or engine._scheme(user).time_based != (step != -1):
+                continue
+            for counter in engine._wanted_counters(user, step):
+                assert table.slot_of(uidx, step, counter) >= 0, (user.name, step, counter)
+    for source in engine._sources.values():
+        assert engine._pins[source.home] > 0
+        assert engine._tags[source.home] == -1

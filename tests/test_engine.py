@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import random
-from array import array
 
 import pytest
 
-from nfknock.config import User
+from nfknock.candidates import PrefixDeriver
 from nfknock.events import EventKind, Verdict
 
 from .helpers import (
@@ -19,6 +18,7 @@ from .helpers import (
     Clock,
     alice,
     bob,
+    check_engine,
     ip,
     kinds,
     knock_all,
@@ -374,16 +374,20 @@ def test_tick_stages_the_next_step_so_the_step_change_derives_nothing(
     engine, _ = make(users=[alice(), bob()], clock=clock)
     engine.tick(clock.wall, clock.mono)  # stages step T+2 for both users
     derived: list[int] = []
-    real = engine.knocks._derive
+    real = PrefixDeriver.prefixes
 
-    def counting(user: User, step: int, counter: int) -> array[int]:
+    def counting(
+        self: PrefixDeriver, secret: bytes, step: int, counters: range, mac: object = None
+    ) -> list[tuple[int, ...]]:
         derived.append(step)
-        return real(user, step, counter)
+        return real(self, secret, step, counters)
 
-    monkeypatch.setattr(engine.knocks, "_derive", counting)
+    monkeypatch.setattr(PrefixDeriver, "prefixes", counting)
     clock.advance(10)  # into the next step
-    engine.tick(clock.wall, clock.mono)
+    knock_all(engine, clock, [5000], src=CLIENT2)  # the step change, on the packet path
     assert derived == []
+    engine.tick(clock.wall, clock.mono)
+    assert set(derived) == {engine.step + 2}  # ticks stage the step after
     knock_all(engine, clock, seq(engine, alice(), clock.wall + 30))
     assert syn(engine, clock) is Verdict.ACCEPT
 
@@ -396,13 +400,13 @@ def test_a_staged_sequence_does_not_open_before_its_step_enters_the_window() -> 
     assert syn(engine, clock) is Verdict.DROP
 
 
-def test_the_step_that_left_the_window_never_opens_even_before_it_is_unindexed() -> None:
+def test_the_step_that_left_the_window_never_opens() -> None:
     clock = Clock(wall=1_700_000_035.0)
     engine, _ = make(clock=clock)
     old = seq(engine, alice(), clock.wall - 30)  # T-1: fine now, gone after the change
     clock.advance(10)
-    engine.tick(clock.wall, clock.mono, budget=0)  # the change, nothing retired yet
-    assert engine.knocks._retiring
+    engine.tick(clock.wall, clock.mono, budget=0)
+    assert engine.step - 2 not in engine.knocks._table.steps
     knock_all(engine, clock, old)
     assert syn(engine, clock) is Verdict.DROP
 
@@ -418,32 +422,33 @@ def test_progress_on_a_step_that_leaves_the_window_is_discarded() -> None:
     assert syn(engine, clock) is Verdict.DROP
 
 
-def test_retired_candidates_leave_the_start_index_within_a_few_ticks() -> None:
+def test_the_step_that_leaves_the_window_leaves_the_start_index_at_once() -> None:
     clock = Clock(wall=1_700_000_035.0)
     engine, _ = make(users=[alice(), bob()], clock=clock)
-    for _ in range(3):
-        engine.tick(clock.wall, clock.mono)
-    before = len(engine.knocks._candidates)
+    engine.tick(clock.wall, clock.mono)
+    table = engine.knocks._table
+    t = engine.step
+    assert set(table.steps) == {t - 1, t, t + 1, t + 2}
     per_step = 2 * (1 + engine.s.lookahead)  # two users: the floor and its look-ahead
+    assert table.slots_in_use() == 4 * per_step
     clock.advance(10)
-    for _ in range(per_step):
-        engine.tick(clock.wall, clock.mono, budget=1)
-    assert not engine.knocks._retiring
-    assert {c.step for c in engine.knocks._candidates.values()} == set(
-        range(engine.step - 1, engine.step + 2)
-    )
-    assert len(engine.knocks._candidates) == before - per_step
-    indexed = {cid for near in engine.knocks._near.values() for cid in near}
-    assert indexed == set(engine.knocks._candidates)
+    knock_all(engine, clock, [5000])  # the step change, on the packet path
+    assert set(table.steps) == {t, t + 1, t + 2}
+    check_engine(engine)
+    for _ in range(4):
+        clock.advance(0.25)
+        engine.tick(clock.wall, clock.mono)
+    assert set(table.steps) == {t, t + 1, t + 2, t + 3}
+    assert table.slots_in_use() == 4 * per_step  # T+3 took the slots T-1 left
+    check_engine(engine)
 
 
 def test_a_clock_jump_rebuilds_the_window() -> None:
     engine, clock = make()
     clock.advance(3600)
     engine.tick(clock.wall, clock.mono)
-    assert {c.step for c in engine.knocks._candidates.values()} == set(
-        range(engine.step - 1, engine.step + 2)
-    )
+    assert set(engine.knocks._table.steps) == set(range(engine.step - 1, engine.step + 3))
+    check_engine(engine)
     clock.advance(-7200)
     knock_all(engine, clock, seq(engine, alice(), clock.wall))
     assert syn(engine, clock) is Verdict.ACCEPT
@@ -474,7 +479,7 @@ def test_an_untracked_source_past_its_stray_budget_is_ignored_until_its_slot_exp
     users = [alice(name=f"u{i}", secret=(i + 1).to_bytes(2, "big") * 16) for i in range(300)]
     engine, clock = make(users=users, stray_budget=3)
     mine = set(seq(engine, users[0], clock.wall))
-    near = [p for p in range(1024, 33792) if engine.knocks._near_map[p] and p not in mine]
+    near = [p for p in range(1024, 33792) if engine.knocks._table.near[p] and p not in mine]
     knock_all(engine, clock, near[:200], gap=0.0001)  # a sweep of near ports, one source
     knock_all(engine, clock, seq(engine, users[0], clock.wall), gap=0.0001)
     assert syn(engine, clock) is Verdict.DROP  # ignored while the budget is spent

@@ -9,7 +9,19 @@ from hypothesis import strategies as st
 
 from nfknock.events import EventKind, Verdict
 
-from .helpers import CLIENT, CLIENT2, SERVER, alice, bob, kinds, knock_all, make, seq, syn
+from .helpers import (
+    CLIENT,
+    CLIENT2,
+    SERVER,
+    alice,
+    bob,
+    check_engine,
+    kinds,
+    knock_all,
+    make,
+    seq,
+    syn,
+)
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -112,24 +124,7 @@ def test_any_input_sequence_leaves_the_engine_consistent(script: list[tuple[str,
             engine.set_users([alice(), bob()][: n % 3], clock.mono)
         # invariants
         assert engine.tracked_sources() <= 32
-        retiring = set(engine.knocks._retiring)
-        skew = engine.s.skew_steps
-        for cid, cand in engine.knocks._candidates.items():
-            key = (cand.user, cand.step, cand.counter)
-            assert engine.knocks._by_key[key] == cid
-            assert engine.users[cand.user].enabled
-            # live, staged for the next step, or waiting to be unindexed
-            assert -skew <= cand.step - engine.step <= skew + 1 or key in retiring
-        for user in engine.users.values():  # every live candidate is there
-            for step in range(engine.step - skew, engine.step + skew + 1):
-                for counter in engine.knocks._wanted_counters(user, step):
-                    assert not user.enabled or (user.name, step, counter) in engine.knocks._by_key
-        for port, near in engine.knocks._near.items():
-            for cid, positions in near.items():
-                assert positions and positions < 1 << (engine.s.reorder_window + 2)
-                for pos in range(positions.bit_length()):
-                    if positions >> pos & 1:
-                        assert engine.knocks._candidates[cid].ports[pos] == port
+        check_engine(engine)
         for g in engine.grant_list(clock.wall, clock.mono):
             assert 0 < g["remaining"] <= engine.s.max_connections
             assert g["user"] in engine.users
