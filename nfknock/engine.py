@@ -22,18 +22,17 @@ the boundary; the step that leaves the window drops its whole index at once.
 
 *Sources.*  Progress is tracked per (source address, destination address) -- a
 "source" below -- in two tiers, so that random traffic creates no per-source
-objects and a flood packet does no more than a table read and two writes:
+objects and a flood packet costs one dictionary lookup and one store:
 
-* tier 0: a direct-mapped table of machine words (``_tags``/``_firsts``), keyed by
-  the source's randomised hash (an attacker cannot aim at a client's slot), holds
-  the single last knock of sources seen once.  It is renewed every
-  ``sequence_timeout`` (the previous generation is still read when a source is
-  promoted, so no first knock is lost at the turn).  When few ports can begin a
-  candidate, knocks at the others are not even written (``near``).
-* tier 1: a :class:`Source` record, created at a source's second knock (the two
-  are its first memory).  Its tier-0 slot is *pinned* (-1: "look it up"; a hash is
-  never -1); an untracked source whose slot is pinned uses the neighbouring slot.
-  A record remembers the source's recent knocks that advanced nothing (up to
+* tier 0 (``_seen``): a source's single first knock, as key -> port.  Renewed by
+  generations: when it holds more than ``max_sources`` entries (checked every
+  :data:`SEEN_CHECK` seconds, a deadline folded into the packet path's one clock
+  check) or after ``sequence_timeout``; the previous generation is still read when
+  a source is promoted, so no first knock is lost at the turn.  When few ports can
+  begin a candidate, knocks at the others are not even stored (``near``).
+* tier 1: a :class:`Source` record, created at a source's second knock (the two are
+  its first memory) and kept in ``_seen`` too, so one lookup finds either.  It
+  remembers the source's recent knocks that advanced nothing (up to
   :data:`MEMORY`, each for ``sequence_timeout``) and its progress.
 
 *Starting* (the start rule of :mod:`nfknock.candidates`): a candidate starts when
@@ -115,8 +114,13 @@ MEMORY = 32
 SYNC_BUILD = 512
 MIN_SHARE = 256
 MAX_SHARE = 1536
-_PINNED = -1  # a tier-0 slot owned by tracked sources (hash() never returns -1)
-_ALL = [1] * 65536  # the near gate when nearly every port is near
+# Tier 0 holds up to max_sources first knocks, within these bounds (~90 bytes each,
+# twice: the current and the previous generation); the packet path checks its size
+# every SEEN_CHECK seconds.
+SEEN_MIN = 1 << 16
+SEEN_MAX = 1 << 20
+SEEN_CHECK = 0.05
+_ALL = [1] * 65536  # the near gate when most ports are near
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,6 @@ def _times() -> array[float]:
 
 @dataclass(slots=True)
 class Source:
-    home: int  # the tier-0 slot this record pins
     last: float
     strays: int = 0
     ignored_until: float = -math.inf
@@ -226,23 +229,19 @@ class Engine:
         self.gate = gate
         self._v1 = V1(settings.params)
         self._timeout = settings.sequence_timeout
-        self._counters: dict[tuple[str, int], CounterWindow] = {}
+        # step -> user -> counter window (grouped by step: pruning takes whole steps)
+        self._windows: dict[int, dict[str, CounterWindow]] = {}
+        self._nwindows = 0
         # Replay state for steps at or below this was pruned (or lost): they never go
         # live again, whatever the clock says (see _set_step).
         self._pruned_through = -1
         self._high_step = -1  # the highest step ever live
         self._gap_reported = False
         self._pruned_at: int | None = None
-        # Tier 0 (module docstring): sized for a few slots per tracked source, so
-        # that pinned slots stay a minority.
-        size = 1 << max(10, min(20, (4 * settings.max_sources - 1).bit_length()))
-        self._slot_mask = size - 1
-        self._pins = array("I", bytes(4 * size))  # tracked sources per slot
-        self._pinned_tags = array("q", bytes(8 * size))  # -1 where pinned, else 0
-        self._tags = self._pinned_tags[:]
-        self._firsts = array("H", bytes(2 * size))
-        self._prev_tags = self._pinned_tags[:]
-        self._prev_firsts = self._firsts[:]
+        # Tier 0 (module docstring): key -> first knock's port, or -> Source.
+        self._seen: dict[bytes, int | Source] = {}
+        self._prev_seen: dict[bytes, int | Source] = {}
+        self._seen_limit = min(max(settings.max_sources, SEEN_MIN), SEEN_MAX)
         self._gen_start = math.inf  # the current generation of tier 0 (mono)
         self._gen_end = math.inf
         self._t_lo = self._t_hi = 0.0  # wall-clock bounds of "nothing to do" (_on_time)
@@ -275,8 +274,9 @@ class Engine:
         for u in users:
             before = old.get(u.name)
             if before is not None and (before.secret, before.scheme) != (u.secret, u.scheme):
-                for counter_key in [k for k in self._counters if k[0] == u.name]:
-                    del self._counters[counter_key]
+                for by_user in self._windows.values():
+                    if by_user.pop(u.name, None) is not None:
+                        self._nwindows -= 1
         self._set_users_quiet(users)
         self._build_live()
 
@@ -305,6 +305,7 @@ class Engine:
             ring=1 + self.s.lookahead,
         )
         self._residues = self._table.residues
+        self._near_gate = self._table.near
         self._cursor = {}
         self._built = set()
         for source in self._sources.values():
@@ -320,9 +321,13 @@ class Engine:
                     window.merge(CounterWindow(u.initial_counter))
 
     def _window(self, user: str, step: int) -> CounterWindow:
-        window = self._counters.get((user, step))
+        by_user = self._windows.get(step)
+        if by_user is None:
+            by_user = self._windows[step] = {}
+        window = by_user.get(user)
         if window is None:
-            window = self._counters[(user, step)] = CounterWindow()
+            window = by_user[user] = CounterWindow()
+            self._nwindows += 1
         return window
 
     # --- candidates ------------------------------------------------------------
@@ -343,7 +348,8 @@ class Engine:
         scheme = self._scheme(user)
         if not scheme.has_counter:
             return range(1)
-        window = self._counters.get((user.name, step))
+        by_user = self._windows.get(step)
+        window = by_user.get(user.name) if by_user is not None else None
         floor = window.floor if window is not None else 0
         top = min(floor + self._lookahead(user), MAX_COUNTER)
         return range(max(0, floor - self.s.stale_counters), top + 1)
@@ -427,8 +433,8 @@ class Engine:
         return out
 
     def _update_gate(self) -> None:
-        """Tier 0 writes only knocks at near ports -- unless nearly all are near,
-        when the test would cost more than it saves."""
+        """Tier 0 stores only knocks at near ports -- unless most are near, when the
+        test would cost more than it saves."""
         dense = 2 * self._table.near_ports() > self._knock_ports
         self._near_gate = _ALL if dense else self._table.near
 
@@ -448,10 +454,17 @@ class Engine:
         tier 0 (its deadline is folded into the same wall-clock bounds)."""
         if not self._step_start <= wall < self._step_end:
             self._roll(wall)
-        if not self._gen_start <= mono < self._gen_end:
-            self._flip(mono)
+        self._renew(wall, mono)
+
+    def _renew(self, wall: float, mono: float) -> None:
+        """A new generation of tier 0 when the old one is full or old; the next
+        check folded into the packet path's clock bounds."""
+        if not self._gen_start <= mono < self._gen_end or len(self._seen) > self._seen_limit:
+            self._prev_seen = self._seen
+            self._seen = dict(self._sources)
+            self._gen_start, self._gen_end = mono, mono + self._timeout
         self._t_lo = self._step_start
-        self._t_hi = min(self._step_end, wall + (self._gen_end - mono))
+        self._t_hi = min(self._step_end, wall + SEEN_CHECK)
 
     def _roll(self, wall: float) -> None:
         """The window moved (one step, or a clock step): the step that left drops its
@@ -465,12 +478,6 @@ class Engine:
         self._ensure(self._live_hi + 1)
         self._work(self._live_order(), SYNC_BUILD)
 
-    def _flip(self, mono: float) -> None:
-        self._prev_tags, self._prev_firsts = self._tags, self._firsts
-        self._tags = self._pinned_tags[:]
-        self._firsts = array("H", bytes(2 * len(self._tags)))
-        self._gen_start, self._gen_end = mono, mono + self._timeout
-
     def tick(self, wall: float, mono: float, budget: int | None = None) -> list[Event]:
         """Housekeeping between packets: step change, expiry, building the live
         steps after a clock step and staging the next step's candidates.
@@ -481,10 +488,7 @@ class Engine:
         second."""
         if not self._step_start <= wall < self._step_end:
             self._roll(wall)
-        if not self._gen_start <= mono < self._gen_end:
-            self._flip(mono)
-        self._t_lo = self._step_start
-        self._t_hi = min(self._step_end, wall + (self._gen_end - mono))
+        self._renew(wall, mono)
         events: list[Event] = []
         if self._pruned_at != self._step:
             self._pruned_at = self._step
@@ -509,22 +513,22 @@ class Engine:
         return events
 
     def _prune_windows(self) -> list[Event]:
-        """Forget counter windows of steps long gone (RETAIN_STEPS below the highest
-        step ever live, or the oldest beyond MAX_WINDOWS); every step at or below a
-        pruned one is dead for good (see _set_step).  And say so, once, when the
-        clock stands in such a step."""
+        """Forget the counter windows of steps long gone (RETAIN_STEPS below the
+        highest step ever live; and the oldest steps while there are more than
+        MAX_WINDOWS windows); every step at or below a pruned one is dead for good
+        (see _set_step).  And say so, once, when the clock stands in such a step.
+        Costs the number of distinct steps held, not of windows."""
         events: list[Event] = []
         cutoff = self._high_step - RETAIN_STEPS
-        timed = [k for k in self._counters if k[1] != HOTP_STEP]
-        doomed = [k for k in timed if k[1] < cutoff]
-        if len(timed) - len(doomed) > MAX_WINDOWS:
-            keep = sorted((k for k in timed if k[1] >= cutoff), key=lambda k: k[1])
-            doomed += keep[: len(keep) - MAX_WINDOWS]
-        if doomed:
-            self._pruned_through = max(self._pruned_through, *(k[1] for k in doomed))
-            for k in doomed:
-                del self._counters[k]
-            self._live_lo = max(self._live_lo, self._pruned_through + 1)
+        pruned = self._pruned_through
+        for step in sorted(t for t in self._windows if t != HOTP_STEP):
+            if step >= cutoff and self._nwindows <= MAX_WINDOWS:
+                break
+            self._nwindows -= len(self._windows.pop(step))
+            pruned = max(pruned, step)
+        if pruned != self._pruned_through:
+            self._pruned_through = pruned
+            self._live_lo = max(self._live_lo, pruned + 1)
             self._drop_outside()
         behind = self._step - self.s.skew_steps <= self._pruned_through
         if behind and not self._gap_reported:
@@ -551,7 +555,7 @@ class Engine:
             if not mono - source.last > timeout:
                 break
             del sources[key]
-            self._unpin(source.home)
+            self._seen.pop(key, None)
 
     # --- the packet path -------------------------------------------------------
 
@@ -569,64 +573,30 @@ class Engine:
             self._on_time(wall, mono)
         if not self._is_knock[port]:
             return DROP_SILENT
-        # The fast path: a source seen at most once.  Its single knock waits in its
-        # tier-0 slot, overwritten by any other source mapped there.
-        h = hash(key)
-        i = h & self._slot_mask
-        tags = self._tags
-        tag = tags[i]
-        if tag != h and tag != _PINNED:  # noqa: PLR1714 - no tuple per packet
+        seen = self._seen
+        known = seen.get(key)
+        if known is None:
+            # The fast path: a source's first knock waits in tier 0 -- if it can begin
+            # something (nearly always true with many users: then not even tested).
             if self._near_gate[port]:
-                tags[i] = h
-                self._firsts[i] = port
+                seen[key] = port
             return DROP_SILENT
-        return self._tracked(key, h, i, tag, port, wall, mono)
-
-    def _tracked(
-        self, key: bytes, h: int, i: int, tag: int, port: int, wall: float, mono: float
-    ) -> Decision:
-        """A source's second knock (its first waits in tier 0), or a knock at a
-        pinned slot: from a tracked source, or from one that uses the buddy slot."""
-        if tag == h:
+        if isinstance(known, int):
             if not self._near_gate[port]:
                 return DROP_SILENT  # begins nothing: the first knock stays
-            return self._promote(key, h, i, i, port, wall, mono)
-        source = self._sources.get(key)
-        if source is not None:
-            return self._knock(key, source, port, wall, mono, [])
-        j = i ^ 1
-        tags = self._tags
-        tag = tags[j]
-        if tag == h:
-            if not self._near_gate[port]:
-                return DROP_SILENT
-            return self._promote(key, h, i, j, port, wall, mono)
-        if not self._near_gate[port]:
-            return DROP_SILENT
-        if tag != _PINNED:
-            tags[j] = h
-            self._firsts[j] = port
-            return DROP_SILENT
-        events: list[Event] = []  # both slots pinned (a crowded table): track it now
-        self._remember(self._new_source(key, i, mono, events), port, mono)
-        return Decision(Verdict.DROP, tuple(events)) if events else DROP_SILENT
+            return self._promote(key, known, port, wall, mono)
+        if known.ignored_until > mono or not (known.progress or self._near_gate[port]):
+            return DROP_SILENT  # ignored, or a knock that can neither advance nor begin
+        return self._knock(key, known, port, wall, mono, [])
 
-    def _promote(
-        self, key: bytes, h: int, home: int, at: int, port: int, wall: float, mono: float
-    ) -> Decision:
-        """Track a source from its second knock; its first (in slot ``at``) and one
-        from the previous generation of tier 0, if any, become its memory."""
+    def _promote(self, key: bytes, first: int, port: int, wall: float, mono: float) -> Decision:
+        """Track a source from its second knock; its first, and one from the previous
+        generation of tier 0 if any, become its memory."""
         events: list[Event] = []
-        first = self._firsts[at]
-        self._tags[at] = self._pinned_tags[at]
-        source = self._new_source(key, home, mono, events)
-        for j in (home, home ^ 1):
-            if self._prev_tags[j] == h:
-                self._remember(source, self._prev_firsts[j], mono)
-        other = at ^ 1 if at == home else home
-        if self._tags[other] == h:  # a knock left in the other slot while home was pinned
-            self._remember(source, self._firsts[other], mono)
-            self._tags[other] = self._pinned_tags[other]
+        source = self._new_source(key, mono, events)
+        earlier = self._prev_seen.get(key)
+        if isinstance(earlier, int):
+            self._remember(source, earlier, mono)
         self._remember(source, first, mono)
         return self._knock(key, source, port, wall, mono, events)
 
@@ -640,7 +610,7 @@ class Engine:
         events: list[Event],
     ) -> Decision:
         if source.ignored_until > mono:
-            return DROP_SILENT  # spent its stray budget: ignored for a while
+            return DROP_SILENT  # spent its stray budget: ignored for a while (see _exhausted)
         self._sources.move_to_end(key)
         source.last = mono
         advanced = duplicate = False
@@ -804,13 +774,13 @@ class Engine:
             "knock_progress",
         )
 
-    def _new_source(self, key: bytes, home: int, mono: float, events: list[Event]) -> Source:
-        source = Source(home, mono)
+    def _new_source(self, key: bytes, mono: float, events: list[Event]) -> Source:
+        source = Source(mono)
         self._sources[key] = source
-        self._pin(home)
+        self._seen[key] = source
         if len(self._sources) > self.s.max_sources:
             old_key, old = self._sources.popitem(last=False)
-            self._unpin(old.home)
+            self._seen.pop(old_key, None)
             if old.progress:
                 events.append(
                     Event(
@@ -823,17 +793,6 @@ class Engine:
                     )
                 )
         return source
-
-    def _pin(self, i: int) -> None:
-        self._pins[i] += 1
-        self._pinned_tags[i] = _PINNED
-        self._tags[i] = _PINNED
-
-    def _unpin(self, i: int) -> None:
-        self._pins[i] -= 1
-        if not self._pins[i]:
-            self._pinned_tags[i] = 0
-            self._tags[i] = 0
 
     def _complete(
         self, key: bytes, source: Source, prog: Progress, wall: float, mono: float
@@ -904,12 +863,15 @@ class Engine:
     def counters(self) -> dict[str, dict[int, int]]:
         """user -> step -> floor (the lowest counter not spent)."""
         out: dict[str, dict[int, int]] = {}
-        for (user, step), window in self._counters.items():
-            out.setdefault(user, {})[step] = window.floor
+        for step, by_user in self._windows.items():
+            for user, window in by_user.items():
+                out.setdefault(user, {})[step] = window.floor
         return out
 
     def windows(self) -> list[tuple[str, int, CounterWindow]]:
-        return [(u, t, w) for (u, t), w in sorted(self._counters.items()) if w.floor]
+        return sorted(
+            (u, t, w) for t, by_user in self._windows.items() for u, w in by_user.items() if w.floor
+        )
 
     def replay_horizon(self) -> tuple[int, int]:
         """(highest step ever live, highest step whose replay state was pruned)."""

@@ -118,6 +118,13 @@ def kinds(decisions: Iterable[Decision]) -> list[EventKind]:
     return [e.kind for d in decisions for e in d.events]
 
 
+def opened(decisions: Iterable[Decision]) -> list[str]:
+    """The users whose grants the decisions opened, sorted."""
+    return sorted(
+        e.user for d in decisions for e in d.events if e.kind is EventKind.GRANT_OPENED and e.user
+    )
+
+
 def check_engine(core: Core) -> None:
     """The knock engine's tables agree with each other (white-box invariants):
 
@@ -126,7 +133,7 @@ def check_engine(core: Core) -> None:
     * each step's partner lists are exactly those its candidates imply;
     * ``near`` counts the partner entries at each port;
     * every user's wanted candidates exist in every fully built step;
-    * every tracked source pins its tier-0 slot.
+    * every tracked source is found by its key in tier 0.
     """
     engine = core.knocks
     table = engine._table
@@ -166,6 +173,5 @@ def check_engine(core: Core) -> None:
                 continue
             for counter in engine._wanted_counters(user, step):
                 assert table.slot_of(uidx, step, counter) >= 0, (user.name, step, counter)
-    for source in engine._sources.values():
-        assert engine._pins[source.home] > 0
-        assert engine._tags[source.home] == -1
+    for key, source in engine._sources.items():
+        assert engine._seen[key] is source

@@ -7,7 +7,9 @@ import random
 import pytest
 
 from nfknock.candidates import PrefixDeriver
+from nfknock.engine import RETAIN_STEPS
 from nfknock.events import EventKind, Verdict
+from nfknock.sequence import step_of
 
 from .helpers import (
     CLIENT,
@@ -16,6 +18,7 @@ from .helpers import (
     SERVER,
     SERVER6,
     Clock,
+    InstantCore,
     alice,
     bob,
     check_engine,
@@ -23,6 +26,7 @@ from .helpers import (
     kinds,
     knock_all,
     make,
+    opened,
     seq,
     syn,
 )
@@ -227,6 +231,25 @@ def test_two_users_interleaved_from_one_address_both_complete() -> None:
     decisions = knock_all(engine, clock, mixed)
     opened = [e.user for d in decisions for e in d.events if e.kind is EventKind.GRANT_OPENED]
     assert sorted(u for u in opened if u) == ["alice", "bob"]
+
+
+def test_eight_users_behind_one_address_knocking_round_robin_all_open() -> None:
+    users = [alice(name=f"u{i}", secret=bytes([i + 1]) * 32) for i in range(8)]
+    engine, clock = make(users=users)
+    seqs = [seq(engine, u, clock.wall) for u in users]
+    mixed = [p for column in zip(*seqs, strict=True) for p in column]
+    decisions = knock_all(engine, clock, mixed, gap=0.0002)
+    assert opened(decisions) == sorted(u.name for u in users)
+
+
+def test_a_sequence_starts_however_many_knocks_of_others_lie_between_its_first_two() -> None:
+    users = [alice(name=f"u{i}", secret=bytes([i + 1]) * 32) for i in range(8)]
+    engine, clock = make(users=users)
+    first, *others = [seq(engine, u, clock.wall) for u in users]
+    # u0's first knock, then the other seven sequences whole, then the rest of u0's
+    mixed = [first[0]] + [p for s in others for p in s] + list(first[1:])
+    decisions = knock_all(engine, clock, mixed, gap=0.0002)
+    assert opened(decisions) == sorted(u.name for u in users)
 
 
 def test_ipv6_source_opens_for_ipv6_destination() -> None:
@@ -450,6 +473,66 @@ def test_a_clock_jump_rebuilds_the_window() -> None:
     assert set(engine.knocks._table.steps) == set(range(engine.step - 1, engine.step + 3))
     check_engine(engine)
     clock.advance(-7200)
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def _tick_for(engine: InstantCore, clock: Clock, seconds: float) -> list[EventKind]:
+    """The daemon's housekeeping: a tick every 0.25 s (monotonic time)."""
+    events: list[EventKind] = []
+    for _ in range(int(seconds * 4)):
+        clock.mono += 0.25
+        clock.wall += 0.25
+        events += [e.kind for e in engine.tick(clock.wall, clock.mono)]
+    return events
+
+
+def test_a_clock_stepped_forward_an_hour_and_back_still_knows_the_spent_counter() -> None:
+    engine, clock = make()
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports)
+    assert syn(engine, clock) is Verdict.ACCEPT
+    back = clock.wall
+    clock.wall += 3600  # the clock steps forward an hour ...
+    _tick_for(engine, clock, 5)
+    clock.wall = back  # ... and back to step T
+    _tick_for(engine, clock, 1)
+    decisions = knock_all(engine, clock, ports, src=CLIENT2)
+    assert EventKind.SEQUENCE_STALE in kinds(decisions)
+    assert EventKind.GRANT_OPENED not in kinds(decisions)
+    assert syn(engine, clock, src=CLIENT2) is Verdict.REJECT  # stale, not a grant
+    knock_all(engine, clock, seq(engine, alice(), clock.wall, counter=1), src=CLIENT2)
+    assert syn(engine, clock, src=CLIENT2) is Verdict.ACCEPT  # the next counter still opens
+
+
+def test_a_clock_stepped_forward_without_ticks_and_back_still_knows_the_spent_counter() -> None:
+    engine, clock = make()
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports)
+    back = clock.wall
+    clock.wall += 3600
+    knock_all(engine, clock, [5000], src=CLIENT2)  # the packet path sees the jump
+    clock.wall = back
+    knock_all(engine, clock, ports, src=CLIENT2)
+    assert syn(engine, clock, src=CLIENT2) is Verdict.REJECT
+
+
+def test_a_step_whose_counters_were_pruned_never_goes_live_again() -> None:
+    engine, clock = make()
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports)
+    back = clock.wall
+    clock.wall += (RETAIN_STEPS + 10) * engine.s.params.step_seconds
+    assert EventKind.REPLAY_STATE_GAP not in _tick_for(engine, clock, 1)  # prunes step T
+    clock.wall = back
+    events = _tick_for(engine, clock, 2)
+    assert events.count(EventKind.REPLAY_STATE_GAP) == 1  # said once
+    assert engine.knocks.replay_horizon()[1] >= step_of(back, engine.s.params.step_seconds)
+    decisions = knock_all(engine, clock, ports, src=CLIENT2)  # the replay ...
+    fresh = knock_all(engine, clock, seq(engine, alice(), back, counter=1), src=CLIENT2)
+    assert EventKind.GRANT_OPENED not in kinds(decisions + fresh)  # ... and a new counter
+    assert syn(engine, clock, src=CLIENT2) is Verdict.DROP
+    clock.wall = back + 30  # the next step was never pruned: it opens
     knock_all(engine, clock, seq(engine, alice(), clock.wall))
     assert syn(engine, clock) is Verdict.ACCEPT
 
