@@ -238,6 +238,11 @@ class CandidateTable:
             idx = self.steps[step] = StepIndex(step, self._gen)
         return idx
 
+    @property
+    def version(self) -> int:
+        """Changes whenever a step's index is created or dropped."""
+        return self._gen
+
     def held(self, g: int) -> dict[int, int]:
         """counter -> slot of every candidate group ``g`` holds."""
         out: dict[int, int] = {}
@@ -433,6 +438,7 @@ class CandidateTable:
         idx = self.steps.pop(step, None)
         if idx is None:
             return
+        self._gen += 1
         near = self.near
         for port, partners in idx.partners.items():
             near[port] -= len(partners)

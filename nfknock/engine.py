@@ -24,16 +24,18 @@ the boundary; the step that leaves the window drops its whole index at once.
 "source" below -- in two tiers, so that random traffic creates no per-source
 objects and a flood packet costs one dictionary lookup and one store:
 
-* tier 0 (``_seen``): a source's single first knock, as key -> port.  Renewed by
-  generations: when it holds more than ``max_sources`` entries (checked every
+* tier 0 (``_seen``): key -> a source's first knock (its port), or its first
+  :data:`SEEN_KNOCKS` when none of them can begin a candidate with another.  Renewed
+  by generations: when it holds more than ``max_sources / 2`` entries (checked every
   :data:`SEEN_CHECK` seconds, a deadline folded into the packet path's one clock
   check) or after ``sequence_timeout``; the previous generation is still read when
   a source is promoted, so no first knock is lost at the turn.  When few ports can
   begin a candidate, knocks at the others are not even stored (``near``).
-* tier 1: a :class:`Source` record, created at a source's second knock (the two are
-  its first memory) and kept in ``_seen`` too, so one lookup finds either.  It
-  remembers the source's recent knocks that advanced nothing (up to
-  :data:`MEMORY`, each for ``sequence_timeout``) and its progress.
+* tier 1: a :class:`Source` record, created when a knock can begin a candidate with
+  an earlier one (checked against the start index in C, no allocation) or when a
+  source sends more knocks than tier 0 keeps.  It is kept in ``_seen`` too, so one
+  lookup finds either.  It remembers the source's recent knocks that advanced
+  nothing (up to :data:`MEMORY`, each for ``sequence_timeout``) and its progress.
 
 *Starting* (the start rule of :mod:`nfknock.candidates`): a candidate starts when
 its first port and one of its next ``W + 1`` ports (``W`` = ``reorder_window``)
@@ -86,7 +88,7 @@ import math
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nfknock.candidates import HOTP_STEP, CandidateTable, Mac, StepIndex
 from nfknock.config import Config, User
@@ -114,10 +116,12 @@ MEMORY = 32
 SYNC_BUILD = 512
 MIN_SHARE = 256
 MAX_SHARE = 1536
-# Tier 0 holds up to max_sources first knocks, within these bounds (~90 bytes each,
-# twice: the current and the previous generation); the packet path checks its size
-# every SEEN_CHECK seconds.
-SEEN_MIN = 1 << 16
+# Tier 0 holds up to max_sources / 2 sources, within these bounds (~120 bytes each,
+# twice: the current and the previous generation; a generation lasts at least this
+# many new sources, so a flood of 300,000 SYN/s leaves a client >= 100 ms between its
+# first two knocks); the packet path checks its size every SEEN_CHECK seconds.
+SEEN_MIN = 1 << 15
+SEEN_KNOCKS = 4  # knocks a source may leave in tier 0 before it gets a record
 SEEN_MAX = 1 << 20
 SEEN_CHECK = 0.05
 _ALL = [1] * 65536  # the near gate when most ports are near
@@ -180,23 +184,24 @@ class Progress:
     mask: int = 0
 
 
-def _fifo() -> array[int]:
-    return array("H")
-
-
-def _times() -> array[float]:
-    return array("d")
-
-
-@dataclass(slots=True)
 class Source:
-    last: float
-    strays: int = 0
-    ignored_until: float = -math.inf
-    progress: dict[int, Progress] = field(default_factory=dict)  # slot -> progress
-    memory: dict[int, int] = field(default_factory=dict)  # port -> copies remembered
-    ports: array[int] = field(default_factory=_fifo)  # the remembered knocks, oldest first
-    times: array[float] = field(default_factory=_times)
+    """A tracked source (tier 1).  ``ports``/``times`` are its remembered knocks,
+    oldest first; ``memory`` counts them by port (the start check needs a hashed
+    set of them); ``progress`` maps slot -> progress of the candidates it started."""
+
+    __slots__ = ("ignored_until", "last", "memory", "ports", "progress", "strays", "times")
+
+    def __init__(self, last: float, ports: tuple[int, ...] = ()) -> None:
+        self.last = last
+        self.strays = 0
+        self.ignored_until = -math.inf
+        self.progress: dict[int, Progress] = {}
+        self.ports = array("H", ports)
+        self.times = array("d", [last]) * len(ports)
+        memory: dict[int, int] = {}
+        for p in ports:
+            memory[p] = memory.get(p, 0) + 1
+        self.memory = memory
 
 
 def _first_free(ports: tuple[int, ...], port: int, prog: Progress) -> int:
@@ -239,9 +244,9 @@ class Engine:
         self._gap_reported = False
         self._pruned_at: int | None = None
         # Tier 0 (module docstring): key -> first knock's port, or -> Source.
-        self._seen: dict[bytes, int | Source] = {}
-        self._prev_seen: dict[bytes, int | Source] = {}
-        self._seen_limit = min(max(settings.max_sources, SEEN_MIN), SEEN_MAX)
+        self._seen: dict[bytes, int | tuple[int, ...] | Source] = {}
+        self._prev_seen: dict[bytes, int | tuple[int, ...] | Source] = {}
+        self._seen_limit = min(max(settings.max_sources // 2, SEEN_MIN), SEEN_MAX)
         self._gen_start = math.inf  # the current generation of tier 0 (mono)
         self._gen_end = math.inf
         self._t_lo = self._t_hi = 0.0  # wall-clock bounds of "nothing to do" (_on_time)
@@ -305,6 +310,8 @@ class Engine:
             ring=1 + self.s.lookahead,
         )
         self._residues = self._table.residues
+        self._live: list[StepIndex] = []
+        self._live_version = -1
         self._near_gate = self._table.near
         self._cursor = {}
         self._built = set()
@@ -425,12 +432,17 @@ class Engine:
         self._built = {t for t in self._built if lo <= t <= hi}
 
     def _live_indexes(self) -> list[StepIndex]:
-        steps = self._table.steps
-        out = [steps[t] for t in range(self._live_lo, self._live_hi + 1) if t in steps]
-        hotp = steps.get(HOTP_STEP)
-        if hotp is not None:
-            out.append(hotp)
-        return out
+        """The start indexes of the live steps (cached until indexes or the window
+        change)."""
+        table = self._table
+        if self._live_version != table.version:
+            steps = table.steps
+            live = [steps[t] for t in range(self._live_lo, self._live_hi + 1) if t in steps]
+            hotp = steps.get(HOTP_STEP)
+            if hotp is not None:
+                live.append(hotp)
+            self._live, self._live_version = live, table.version
+        return self._live
 
     def _update_gate(self) -> None:
         """Tier 0 stores only knocks at near ports -- unless most are near, when the
@@ -443,11 +455,14 @@ class Engine:
     def _set_step(self, wall: float) -> None:
         length = self.s.params.step_seconds
         self._step = step_of(wall, length)
-        self._step_start = self._step * length
+        # floats: the packet path compares them with the (float) wall time, and an
+        # int-float comparison costs a conversion on every packet
+        self._step_start = float(self._step * length)
         self._step_end = self._step_start + length
         self._live_lo = max(0, self._step - self.s.skew_steps, self._pruned_through + 1)
         self._live_hi = self._step + self.s.skew_steps
         self._high_step = max(self._high_step, self._live_hi)
+        self._live_version = -1  # recompute _live_indexes
 
     def _on_time(self, wall: float, mono: float) -> None:
         """The packet path's one clock check failed: a new step, or time to renew
@@ -529,6 +544,7 @@ class Engine:
         if pruned != self._pruned_through:
             self._pruned_through = pruned
             self._live_lo = max(self._live_lo, pruned + 1)
+            self._live_version = -1
             self._drop_outside()
         behind = self._step - self.s.skew_steps <= self._pruned_through
         if behind and not self._gap_reported:
@@ -581,24 +597,65 @@ class Engine:
             if self._near_gate[port]:
                 seen[key] = port
             return DROP_SILENT
-        if isinstance(known, int):
-            if not self._near_gate[port]:
-                return DROP_SILENT  # begins nothing: the first knock stays
-            return self._promote(key, known, port, wall, mono)
-        if known.ignored_until > mono or not (known.progress or self._near_gate[port]):
-            return DROP_SILENT  # ignored, or a knock that can neither advance nor begin
-        return self._knock(key, known, port, wall, mono, [])
+        if isinstance(known, Source):
+            if known.ignored_until > mono or not (known.progress or self._near_gate[port]):
+                return DROP_SILENT  # ignored, or a knock that can neither advance nor begin
+            return self._knock(key, known, port, wall, mono, [])
+        if not self._near_gate[port]:
+            return DROP_SILENT  # begins nothing: the earlier knocks stay
+        return self._again(key, known, port, wall, mono)
 
-    def _promote(self, key: bytes, first: int, port: int, wall: float, mono: float) -> Decision:
-        """Track a source from its second knock; its first, and one from the previous
-        generation of tier 0 if any, become its memory."""
+    def _again(
+        self, key: bytes, known: int | tuple[int, ...], port: int, wall: float, mono: float
+    ) -> Decision:
+        """A knock from a source whose few earlier knocks wait in tier 0: it becomes a
+        record when this knock can begin a candidate with one of them (checked in C,
+        without allocating) or when it is one too many to keep there."""
+        if isinstance(known, int):
+            earlier: tuple[int, ...] = (known,)
+            for idx in self._live_indexes():
+                partners = idx.partners.get(port)
+                if partners is not None and known in partners:
+                    return self._promote(key, earlier, port, wall, mono, 0)
+        else:
+            earlier = known
+            ports = set(known)
+            for idx in self._live_indexes():
+                partners = idx.partners.get(port)
+                if partners is not None and not ports.isdisjoint(partners):
+                    return self._promote(key, earlier, port, wall, mono, 0)
+        if len(earlier) >= SEEN_KNOCKS:
+            return self._promote(key, earlier, port, wall, mono, len(earlier))
+        self._seen[key] = (*earlier, port)
+        return DROP_SILENT
+
+    def _promote(
+        self,
+        key: bytes,
+        earlier: tuple[int, ...],
+        port: int,
+        wall: float,
+        mono: float,
+        strays: int,
+    ) -> Decision:
+        """Track a source: its earlier knocks (and any in the previous generation of
+        tier 0) become its memory.  ``strays``: how many of them began nothing --
+        then so does this knock (it was just checked), which is a stray too."""
         events: list[Event] = []
-        source = self._new_source(key, mono, events)
-        earlier = self._prev_seen.get(key)
-        if isinstance(earlier, int):
-            self._remember(source, earlier, mono)
-        self._remember(source, first, mono)
-        return self._knock(key, source, port, wall, mono, events)
+        before = self._prev_seen.get(key)
+        if isinstance(before, int):
+            earlier, checked = (before, *earlier), False
+        elif isinstance(before, tuple):
+            earlier, checked = before + earlier, False
+        else:
+            checked = True
+        source = self._new_source(key, Source(mono, earlier[-MEMORY:]), events)
+        source.strays = strays
+        if not strays or not checked:
+            return self._knock(key, source, port, wall, mono, events)
+        self._remember(source, port, mono)
+        self._stray(key, source, port, mono, events)
+        return Decision(Verdict.DROP, tuple(events)) if events else DROP_SILENT
 
     def _knock(
         self,
@@ -610,7 +667,7 @@ class Engine:
         events: list[Event],
     ) -> Decision:
         if source.ignored_until > mono:
-            return DROP_SILENT  # spent its stray budget: ignored for a while (see _exhausted)
+            return DROP_SILENT  # spent its stray budget: ignored for a while (see _stray)
         self._sources.move_to_end(key)
         source.last = mono
         advanced = duplicate = False
@@ -624,14 +681,15 @@ class Engine:
         ):
             self._remember(source, port, mono)
             if not duplicate:
-                source.strays += 1
-                if source.strays > self.s.stray_budget:
-                    self._exhausted(key, source, port, mono, events)
+                self._stray(key, source, port, mono, events)
         return Decision(Verdict.DROP, tuple(events)) if events else DROP_SILENT
 
-    def _exhausted(
+    def _stray(
         self, key: bytes, source: Source, port: int, mono: float, events: list[Event]
     ) -> None:
+        source.strays += 1
+        if source.strays <= self.s.stray_budget:
+            return
         if source.progress:
             events.append(
                 Event(
@@ -703,8 +761,10 @@ class Engine:
         events: list[Event],
     ) -> bool:
         """Start every live candidate this knock begins with the remembered ones."""
-        self._purge(source, mono)
-        if not source.memory:
+        times = source.times
+        if times and mono - times[0] > self._timeout:
+            self._purge(source, mono)
+        if not times:
             return False
         started = False
         for slot, mask in self._table.starts(port, source.memory, self._live_indexes()):
@@ -740,12 +800,14 @@ class Engine:
 
     def _remember(self, source: Source, port: int, mono: float) -> None:
         """Add a knock to the source's memory (the oldest goes beyond MEMORY)."""
-        self._purge(source, mono)
-        ports, memory = source.ports, source.memory
-        if len(ports) >= MEMORY:
-            self._forget_oldest(source)
-        ports.append(port)
-        source.times.append(mono)
+        times = source.times
+        if times and (mono - times[0] > self._timeout or len(times) >= MEMORY):
+            self._purge(source, mono)
+            if len(times) >= MEMORY:
+                self._forget_oldest(source)
+        source.ports.append(port)
+        times.append(mono)
+        memory = source.memory
         memory[port] = memory.get(port, 0) + 1
 
     def _purge(self, source: Source, mono: float) -> None:
@@ -774,8 +836,7 @@ class Engine:
             "knock_progress",
         )
 
-    def _new_source(self, key: bytes, mono: float, events: list[Event]) -> Source:
-        source = Source(mono)
+    def _new_source(self, key: bytes, source: Source, events: list[Event]) -> Source:
         self._sources[key] = source
         self._seen[key] = source
         if len(self._sources) > self.s.max_sources:
@@ -894,6 +955,7 @@ class Engine:
         self._pruned_through = max(self._pruned_through, pruned)
         self._high_step = max(self._high_step, high_step)
         self._live_lo = max(self._live_lo, self._pruned_through + 1)
+        self._live_version = -1
         self._drop_outside()
         for user, step in taken:
             self._refresh_if_indexed(user, step)
