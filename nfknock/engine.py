@@ -26,9 +26,9 @@ objects and a flood packet costs one dictionary lookup and one store:
 
 * tier 0 (``_seen``): key -> a source's first knock (its port), or its first
   :data:`SEEN_KNOCKS` when none of them can begin a candidate with another.  Renewed
-  by generations: when it holds more than ``max_sources / 2`` entries (checked every
-  :data:`SEEN_CHECK` seconds, a deadline folded into the packet path's one clock
-  check) or after ``sequence_timeout``; the previous generation is still read when
+  by generations: when it holds more than ``max_sources / 2`` entries, or after
+  ``sequence_timeout`` (a deadline folded into the packet path's one clock check);
+  the previous generation is still read when
   a source is promoted, so no first knock is lost at the turn.  When few ports can
   begin a candidate, knocks at the others are not even stored (``near``).
 * tier 1: a :class:`Source` record, created when a knock can begin a candidate with
@@ -119,11 +119,10 @@ MAX_SHARE = 1536
 # Tier 0 holds up to max_sources / 2 sources, within these bounds (~120 bytes each,
 # twice: the current and the previous generation; a generation lasts at least this
 # many new sources, so a flood of 300,000 SYN/s leaves a client >= 100 ms between its
-# first two knocks); the packet path checks its size every SEEN_CHECK seconds.
+# first two knocks).
 SEEN_MIN = 1 << 15
 SEEN_KNOCKS = 4  # knocks a source may leave in tier 0 before it gets a record
 SEEN_MAX = 1 << 20
-SEEN_CHECK = 0.05
 _ALL = [1] * 65536  # the near gate when most ports are near
 
 
@@ -472,14 +471,17 @@ class Engine:
         self._renew(wall, mono)
 
     def _renew(self, wall: float, mono: float) -> None:
-        """A new generation of tier 0 when the old one is full or old; the next
-        check folded into the packet path's clock bounds."""
-        if not self._gen_start <= mono < self._gen_end or len(self._seen) > self._seen_limit:
-            self._prev_seen = self._seen
-            self._seen = dict(self._sources)
-            self._gen_start, self._gen_end = mono, mono + self._timeout
+        """A new generation of tier 0 when the old one is old (its size is checked
+        where it grows); the next check folded into the packet path's clock bounds."""
+        if not self._gen_start <= mono < self._gen_end:
+            self._turn(mono)
         self._t_lo = self._step_start
-        self._t_hi = min(self._step_end, wall + SEEN_CHECK)
+        self._t_hi = min(self._step_end, wall + (self._gen_end - mono))
+
+    def _turn(self, mono: float) -> None:
+        self._prev_seen = self._seen
+        self._seen = dict(self._sources)
+        self._gen_start, self._gen_end = mono, mono + self._timeout
 
     def _roll(self, wall: float) -> None:
         """The window moved (one step, or a clock step): the step that left drops its
@@ -596,6 +598,8 @@ class Engine:
             # something (nearly always true with many users: then not even tested).
             if self._near_gate[port]:
                 seen[key] = port
+                if len(seen) > self._seen_limit:
+                    self._turn(mono)
             return DROP_SILENT
         if isinstance(known, Source):
             if known.ignored_until > mono or not (known.progress or self._near_gate[port]):
