@@ -420,12 +420,18 @@ class Engine:
             order += [t for t in (self._step - d, self._step + d) if self._live_lo <= t]
         return order
 
-    def _drop_outside(self) -> None:
-        """Forget the index of every time step outside the live window and the
-        staged step (their slots are freed when their groups are rebuilt)."""
+    def _drop_outside(self, indexes: bool = True) -> None:
+        """Forget every time step outside the live window and the staged step: its
+        builds, and (``indexes``) its start index -- the slots are freed when their
+        groups are rebuilt.  The packet path leaves the indexes to the next tick():
+        a step outside the window is not live, whatever is indexed."""
         lo, hi = self._live_lo, self._live_hi + 1
-        for step in [t for t in self._table.steps if t != HOTP_STEP and not lo <= t <= hi]:
-            self._table.drop(step)
+        if indexes:
+            gone = [t for t in self._table.steps if t != HOTP_STEP and not lo <= t <= hi]
+            for step in gone:
+                self._table.drop(step)
+            if gone:  # let go of them here (freeing an index takes milliseconds)
+                self._live, self._live_version = [], -1
         for step in [t for t in self._cursor if not lo <= t <= hi]:
             del self._cursor[step]
         self._built = {t for t in self._built if lo <= t <= hi}
@@ -489,7 +495,7 @@ class Engine:
         else up to SYNC_BUILD user-steps now, current step first, the rest in
         tick()); the next step is scheduled for staging."""
         self._set_step(wall)
-        self._drop_outside()
+        self._drop_outside(indexes=False)
         for step in self._live_order():
             self._ensure(step)
         self._ensure(self._live_hi + 1)
@@ -506,6 +512,7 @@ class Engine:
         if not self._step_start <= wall < self._step_end:
             self._roll(wall)
         self._renew(wall, mono)
+        self._drop_outside()
         events: list[Event] = []
         if self._pruned_at != self._step:
             self._pruned_at = self._step
