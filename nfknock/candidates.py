@@ -50,7 +50,8 @@ a step's whole index goes when the step leaves the window.
 
 *Near.*  ``near[port]`` counts partner entries at a port (live and staged
 steps): zero means no candidate can begin with it.  The packet path uses it to
-skip remembering knocks that can begin nothing -- when few ports are near.
+skip remembering knocks that can begin nothing -- when few ports are near.  With
+many users every port is near: then it is not kept at all (``track_near``).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ class PrefixDeriver:
             self.k = min(k, p.length)
             self.short = replace(p, length=self.k)
             self.lo = p.port_min
-            self.excluded = p.exclude
+            # only exclusions inside the range can reject a word
+            self.excluded = frozenset(x for x in p.exclude if p.port_min <= x <= p.port_max)
             width = p.width
             # The fast reader: the first k words of the first block, when no word can
             # be rejected for its size (span a power of two) and they fit in one block.
@@ -174,7 +176,7 @@ class PrefixDeriver:
             x = int.from_bytes(block[: self.nbytes], "big") >> self.drop
             lo, word = self.lo, self.word
             ports = tuple([lo + (x >> s & word) for s in self.shifts])
-            if len(set(ports)) == self.k and self.excluded.isdisjoint(ports):
+            if len(set(ports)) == self.k and (not self.excluded or self.excluded.isdisjoint(ports)):
                 return ports
         return ports_from_block(secret, block, self.short)
 
@@ -193,6 +195,7 @@ class CandidateTable:
         prefix_len: int,
         residues: int,
         ring: int,
+        track_near: bool = True,
     ) -> None:
         self.k = prefix_len
         self.residues = residues
@@ -213,7 +216,8 @@ class CandidateTable:
         self._full: dict[int, tuple[int, ...]] = {}
         self.steps: dict[int, StepIndex] = {}
         self._gen = 0
-        self.near = [0] * 65536
+        self.track_near = track_near
+        self.near = [0] * 65536 if track_near else [1] * 65536
 
     # --- groups -----------------------------------------------------------------
 
@@ -312,7 +316,7 @@ class CandidateTable:
             self._free,
             self.gring,
         )
-        anchors, partners, near = idx.anchors, idx.partners, self.near
+        anchors, partners, near, track_near = idx.anchors, idx.partners, self.near, self.track_near
         stale: dict[int, int] = {}
         for c, ports in zip(counters, found, strict=True):
             padded = ports if len(ports) == k else ports + (0,) * (k - len(ports))
@@ -330,10 +334,14 @@ class CandidateTable:
                 anchor, followers = ports[0], ports[1:]
                 anchors[anchor].append(s)
                 partners[anchor].extend(followers)
-                near[anchor] += len(followers)
-                for f in followers:
-                    partners[f].append(anchor)
-                    near[f] += 1
+                if track_near:
+                    near[anchor] += len(followers)
+                    for f in followers:
+                        partners[f].append(anchor)
+                        near[f] += 1
+                else:
+                    for f in followers:
+                        partners[f].append(anchor)
             if c > top - ring:
                 gring[base + c % ring] = s
             else:
@@ -407,10 +415,12 @@ class CandidateTable:
         idx.anchors[anchor].append(s)
         partners, near = idx.partners, self.near
         partners[anchor].extend(followers)
-        near[anchor] += len(followers)
         for f in followers:
             partners[f].append(anchor)
-            near[f] += 1
+        if self.track_near:
+            near[anchor] += len(followers)
+            for f in followers:
+                near[f] += 1
 
     def _unindex_slot(self, idx: StepIndex, s: int) -> None:
         """The exact inverse of _index_slot (a candidate dropped from a live step:
@@ -425,8 +435,10 @@ class CandidateTable:
         for f in followers:
             mine.remove(f)
             partners[f].remove(anchor)
-            near[f] -= 1
-        near[anchor] -= len(followers)
+        if self.track_near:
+            near[anchor] -= len(followers)
+            for f in followers:
+                near[f] -= 1
         for p in set(ports):
             if not partners[p]:
                 del partners[p]
@@ -439,9 +451,10 @@ class CandidateTable:
         if idx is None:
             return
         self._gen += 1
-        near = self.near
-        for port, partners in idx.partners.items():
-            near[port] -= len(partners)
+        if self.track_near:
+            near = self.near
+            for port, partners in idx.partners.items():
+                near[port] -= len(partners)
 
     def starts(
         self, port: int, remembered: dict[int, int], live: Iterable[StepIndex]

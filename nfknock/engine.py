@@ -18,19 +18,21 @@ first use) with a start index per step.  A step change costs the packet path
 almost nothing: :meth:`Engine.tick` builds the next step's candidates ahead of
 time (*staged*: indexed but not live until the step enters the window), a share
 per call that grows with the users left and shrinks with the time left before
-the boundary; the step that leaves the window drops its whole index at once.
+the boundary; the step that leaves the window stops being live at once and drops
+its whole index in the next tick.
 
 *Sources.*  Progress is tracked per (source address, destination address) -- a
 "source" below -- in two tiers, so that random traffic creates no per-source
 objects and a flood packet costs one dictionary lookup and one store:
 
 * tier 0 (``_seen``): key -> a source's first knock (its port), or its first
-  :data:`SEEN_KNOCKS` when none of them can begin a candidate with another.  Renewed
-  by generations: when it holds more than ``max_sources / 2`` entries, or after
-  ``sequence_timeout`` (a deadline folded into the packet path's one clock check);
-  the previous generation is still read when
-  a source is promoted, so no first knock is lost at the turn.  When few ports can
-  begin a candidate, knocks at the others are not even stored (``near``).
+  :data:`SEEN_KNOCKS` while none of them can begin a candidate with another.  It
+  is renewed by generations: when it holds more than ``max_sources / 2`` entries,
+  or after ``sequence_timeout`` (a deadline folded into the packet path's one clock
+  check).  The previous generation is read when a source is promoted, so a first
+  knock survives one turn (a two-port sequence whose knocks straddle a turn does
+  not: it is retried).  When few ports can begin a candidate, knocks at the others
+  are not even stored (``near``).
 * tier 1: a :class:`Source` record, created when a knock can begin a candidate with
   an earlier one (checked against the start index in C, no allocation) or when a
   source sends more knocks than tier 0 keeps.  It is kept in ``_seen`` too, so one
@@ -109,20 +111,21 @@ MAX_WINDOWS = 1 << 17
 # Knocks a tracked source remembers for starting candidates: room for the first
 # knocks of eight interleaved sequences, reordered, with duplicates.
 MEMORY = 32
-# User-steps (one user's candidates of one step: a few HMACs, ~15-20 us) built in
+# User-steps (one user's candidates of one step: a few HMACs, 15-20 us) built in
 # one call: on the packet path when the live window finds steps unbuilt (a clock
 # step, or ticks that did not come); in one tick(), at least (a small user set is
-# staged at once) and at most (a tick stays well under 50 ms).
+# staged at once) and at most (a tick stays well under 50 ms; 100,000 users take
+# about 100 ticks, 25 s of a 30 s step).
 SYNC_BUILD = 512
 MIN_SHARE = 256
-MAX_SHARE = 1536
+MAX_SHARE = 1024
 # Tier 0 holds up to max_sources / 2 sources, within these bounds (~120 bytes each,
 # twice: the current and the previous generation; a generation lasts at least this
 # many new sources, so a flood of 300,000 SYN/s leaves a client >= 100 ms between its
 # first two knocks).
 SEEN_MIN = 1 << 15
-SEEN_KNOCKS = 4  # knocks a source may leave in tier 0 before it gets a record
 SEEN_MAX = 1 << 20
+SEEN_KNOCKS = 4  # knocks a source may leave in tier 0 before it gets a record
 _ALL = [1] * 65536  # the near gate when most ports are near
 
 
@@ -291,7 +294,7 @@ class Engine:
         # Which destination ports are knocks: the union of the schemes' ranges,
         # never a protected port.  A byte per port: one index on the packet path.
         ranges = self._v1.knock_ranges()
-        for scheme in {self._scheme(u) for u in self._ulist if u.enabled}:
+        for scheme in {u.scheme for u in self._ulist if u.enabled and u.scheme is not None}:
             ranges += scheme.knock_ranges()
         is_knock = bytearray(65536)
         for lo, hi in merge_ranges(ranges):
@@ -301,12 +304,17 @@ class Engine:
         self._is_knock = bytes(is_knock)
         self._knock_ports = sum(is_knock)
         self._seed_hotp_counters()
+        # With many users nearly every knock port is near some candidate: then the
+        # table keeps no near counts (a tenth of the cost of building it).
+        residues, prefix = 2 * self.s.skew_steps + 2, self.s.reorder_window + 2
+        entries = len(self._ulist) * residues * (1 + self.s.lookahead) * prefix
         self._table = CandidateTable(
             self._ulist,
             self._scheme,
-            prefix_len=self.s.reorder_window + 2,
-            residues=2 * self.s.skew_steps + 2,
+            prefix_len=prefix,
+            residues=residues,
             ring=1 + self.s.lookahead,
+            track_near=entries < 2 * self._knock_ports,
         )
         self._residues = self._table.residues
         self._live: list[StepIndex] = []
@@ -452,8 +460,9 @@ class Engine:
     def _update_gate(self) -> None:
         """Tier 0 stores only knocks at near ports -- unless most are near, when the
         test would cost more than it saves."""
-        dense = 2 * self._table.near_ports() > self._knock_ports
-        self._near_gate = _ALL if dense else self._table.near
+        table = self._table
+        dense = not table.track_near or 2 * table.near_ports() > self._knock_ports
+        self._near_gate = _ALL if dense else table.near
 
     # --- time ------------------------------------------------------------------
 
@@ -490,10 +499,11 @@ class Engine:
         self._gen_start, self._gen_end = mono, mono + self._timeout
 
     def _roll(self, wall: float) -> None:
-        """The window moved (one step, or a clock step): the step that left drops its
-        index; the live steps must be built (normally staged by tick() already --
-        else up to SYNC_BUILD user-steps now, current step first, the rest in
-        tick()); the next step is scheduled for staging."""
+        """The window moved (one step, or a clock step): the step that left is no
+        longer live (its index goes in the next tick); the live steps must be built
+        (normally staged by tick() already -- else up to SYNC_BUILD user-steps now,
+        current step first, the rest in tick()); the next step is scheduled for
+        staging."""
         self._set_step(wall)
         self._drop_outside(indexes=False)
         for step in self._live_order():

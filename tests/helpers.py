@@ -166,7 +166,7 @@ def check_engine(core: Core) -> None:
         }, f"step {step}: partners"
         for port, arr in idx.partners.items():
             near[port] += len(arr)
-    assert near == table.near
+    assert near == table.near or not table.track_near
     for step in engine._built:
         for uidx, user in enumerate(engine._ulist):
             if not user.enabled or engine._scheme(user).time_based != (step != -1):

@@ -540,6 +540,30 @@ def test_a_step_whose_counters_were_pruned_never_goes_live_again() -> None:
     assert syn(engine, clock) is Verdict.ACCEPT
 
 
+def test_a_first_knock_survives_one_turn_of_tier_zero() -> None:
+    engine, clock = make()
+    engine.knocks._seen_limit = 8  # turn after eight new sources
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports[:1])
+    near = [p for p in range(1024, 33792) if engine.knocks._table.near[p] and p not in ports]
+    for i in range(9):  # nine other sources: tier 0 turns between our first two knocks
+        knock_all(engine, clock, [near[i]], src=ip(f"198.51.100.{100 + i}"))
+    assert (CLIENT + SERVER) in engine.knocks._prev_seen
+    knock_all(engine, clock, ports[1:])
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_tier_zero_is_bounded_by_a_flood_of_new_sources() -> None:
+    users = [alice(name=f"u{i}", secret=i.to_bytes(2, "big") * 16) for i in range(2000)]
+    engine, clock = make(users=users)  # enough users that every knock port is near
+    engine.knocks._seen_limit = 1000
+    rng = random.Random(3)
+    for _ in range(5000):
+        engine.decide(rng.randbytes(4), SERVER, rng.randint(1024, 33791), clock.wall, clock.mono)
+    assert len(engine.knocks._seen) <= 1001
+    assert len(engine.knocks._prev_seen) == 1001  # a full generation was turned over
+
+
 def test_random_knocks_from_many_sources_create_little_state() -> None:
     engine, clock = make()
     rng = random.Random(7)
