@@ -924,14 +924,20 @@ class Engine:
         """A counter was spent elsewhere (another worker or gateway, as the state
         store reports): this copy agrees from now on."""
         if user in self._users:
-            self._window(user, step).mark_spent(counter)
-            self._refresh_if_indexed(user, step)
+            window = self._window(user, step)
+            floor = window.floor
+            window.mark_spent(counter)
+            if window.floor != floor:
+                self._refresh_if_indexed(user, step)
 
     def merge_window(self, user: str, step: int, window: CounterWindow) -> None:
         """Merge what another copy knows was spent in (user, step)."""
         if user in self._users:
-            self._window(user, step).merge(window)
-            self._refresh_if_indexed(user, step)
+            mine = self._window(user, step)
+            floor = mine.floor
+            mine.merge(window)
+            if mine.floor != floor:
+                self._refresh_if_indexed(user, step)
 
     def _refresh_if_indexed(self, name: str, step: int) -> None:
         """Rebuild the candidates of (user, step) if that step has candidates at all
@@ -968,17 +974,22 @@ class Engine:
     ) -> int:
         """Merge stored counter windows (validated by the store) into this copy; windows
         of users unknown here are dropped.  Returns how many were taken."""
-        taken: list[tuple[str, int]] = []
+        taken = 0
+        moved: list[tuple[str, int]] = []
         for user, step, window in windows:
             if user in self._users:
-                self._window(user, step).merge(window)
-                taken.append((user, step))
+                mine = self._window(user, step)
+                floor = mine.floor
+                mine.merge(window)
+                taken += 1
+                if mine.floor != floor:
+                    moved.append((user, step))
         self._pruned_through = max(self._pruned_through, pruned)
         self._high_step = max(self._high_step, high_step)
         self._live_lo = max(self._live_lo, self._pruned_through + 1)
         self._live_version = -1
         self._drop_outside()
-        for user, step in taken:
+        for user, step in moved:
             self._refresh_if_indexed(user, step)
         self._update_gate()
-        return len(taken)
+        return taken

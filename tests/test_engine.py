@@ -564,6 +564,27 @@ def test_tier_zero_is_bounded_by_a_flood_of_new_sources() -> None:
     assert len(engine.knocks._prev_seen) == 1001  # a full generation was turned over
 
 
+def test_after_a_clock_step_the_packet_path_builds_a_bounded_share_and_ticks_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nfknock.engine
+
+    monkeypatch.setattr(nfknock.engine, "SYNC_BUILD", 3)
+    users = [alice(name=f"u{i}", secret=bytes([i + 1]) * 32) for i in range(10)]
+    engine, clock = make(users=users)
+    clock.advance(3600)  # a clock step: nothing of the new window is built
+    knock_all(engine, clock, [5000], src=CLIENT2)
+    assert engine.knocks._cursor  # the packet path built three users of it, no more
+    last = users[-1]
+    knock_all(engine, clock, seq(engine, last, clock.wall))
+    assert syn(engine, clock) is Verdict.DROP  # not built yet: fails closed
+    engine.tick(clock.wall, clock.mono)  # the current step first, then the others
+    # the client tries again (with its next counter, as nfknock-client does)
+    knock_all(engine, clock, seq(engine, last, clock.wall, counter=1))
+    assert syn(engine, clock) is Verdict.ACCEPT
+    check_engine(engine)
+
+
 def test_random_knocks_from_many_sources_create_little_state() -> None:
     engine, clock = make()
     rng = random.Random(7)
