@@ -13,7 +13,8 @@ derived only when some source starts it (and cached while the candidate exists),
 so a user costs a few prefixes, not a few sequences.  For scheme v1 the prefixes
 of consecutive counters come from one HMAC chain (sequence.py steps 2-3) and the
 first ``K`` words of each block (steps 4-6), read straight from the block when the
-port span is a power of two and no word is rejected (else the scheme's own reader).
+port span is a power of two and no word is rejected (else the scheme's own reader,
+``ports_from_block``).
 
 *Slots.*  Candidates live in flat arrays indexed by a slot number: ``K`` prefix
 ports, the counter, and the *group* -- one (user, step residue) pair, ``g = user x
@@ -46,7 +47,8 @@ C-level ``isdisjoint`` per live step between the source's remembered ports and
 ``partners[port]``, whatever the number of remembered knocks; only a hit is
 resolved exactly (:meth:`CandidateTable.starts`).  A candidate dropped while its
 step is indexed (its counter moved out of the window) leaves the index at once;
-a step's whole index goes when the step leaves the window.
+a step's whole index goes when the step leaves the window (emptied in place and
+reused for the next step: its arrays are not reallocated every step).
 
 *Near.*  ``near[port]`` counts partner entries at a port (live and staged
 steps): zero means no candidate can begin with it.  The packet path uses it to
@@ -163,22 +165,24 @@ class PrefixDeriver:
             block = h.digest()
         out = []
         last = counters.stop - 1
+        fast, short = self.fast, self.short
+        if fast:  # _read, inlined: this loop is most of the cost of building a step
+            nbytes, drop, lo, word = self.nbytes, self.drop, self.lo, self.word
+            shifts, k, excluded = self.shifts, self.k, self.excluded
         for c in counters:
-            out.append(self._read(secret, block))
+            if fast:
+                x = int.from_bytes(block[:nbytes], "big") >> drop
+                ports = tuple([lo + (x >> s & word) for s in shifts])
+                if len(set(ports)) != k or (excluded and not excluded.isdisjoint(ports)):
+                    ports = ports_from_block(secret, block, short)
+            else:
+                ports = ports_from_block(secret, block, short)
+            out.append(ports)
             if c != last:
                 h = mac.copy()
                 h.update(block)
                 block = h.digest()
         return out
-
-    def _read(self, secret: bytes, block: bytes) -> tuple[int, ...]:
-        if self.fast:
-            x = int.from_bytes(block[: self.nbytes], "big") >> self.drop
-            lo, word = self.lo, self.word
-            ports = tuple([lo + (x >> s & word) for s in self.shifts])
-            if len(set(ports)) == self.k and (not self.excluded or self.excluded.isdisjoint(ports)):
-                return ports
-        return ports_from_block(secret, block, self.short)
 
 
 class CandidateTable:
@@ -215,6 +219,8 @@ class CandidateTable:
         self._free: list[int] = []
         self._full: dict[int, tuple[int, ...]] = {}
         self.steps: dict[int, StepIndex] = {}
+        self._graveyard: list[StepIndex] = []  # retired, not yet emptied
+        self._spare: list[StepIndex] = []  # emptied, for the next step
         self._gen = 0
         self.track_near = track_near
         self.near = [0] * 65536 if track_near else [1] * 65536
@@ -239,7 +245,12 @@ class CandidateTable:
         idx = self.steps.get(step)
         if idx is None:
             self._gen += 1
-            idx = self.steps[step] = StepIndex(step, self._gen)
+            if self._spare:  # an emptied one (see bury)
+                idx = self._spare.pop()
+                idx.step, idx.gen = step, self._gen
+            else:
+                idx = StepIndex(step, self._gen)
+            self.steps[step] = idx
         return idx
 
     @property
@@ -266,7 +277,11 @@ class CandidateTable:
         g = self.group_of(uidx, step)
         idx = self.index(step)
         if self.gstep[g] != step:
-            if self.gstep[g] != NO_STEP:
+            old = self.gstep[g]
+            if old != NO_STEP:
+                # The group's step left the window (a residue comes back only then):
+                # its index goes whole, not slot by slot.
+                self.retire(old)
                 self.clear(g)
             self.gstep[g] = step
             self.ggen[g] = idx.gen
@@ -439,14 +454,10 @@ class CandidateTable:
             near[anchor] -= len(followers)
             for f in followers:
                 near[f] -= 1
-        for p in set(ports):
-            if not partners[p]:
-                del partners[p]
-        if not idx.anchors[anchor]:
-            del idx.anchors[anchor]
 
-    def drop(self, step: int) -> None:
-        """Forget a step's index (its slots are freed when their groups are rebuilt)."""
+    def retire(self, step: int) -> None:
+        """Forget a step's index (its slots are freed when their groups are rebuilt).
+        Emptying it takes milliseconds with many users: it waits for :meth:`bury`."""
         idx = self.steps.pop(step, None)
         if idx is None:
             return
@@ -455,6 +466,19 @@ class CandidateTable:
             near = self.near
             for port, partners in idx.partners.items():
                 near[port] -= len(partners)
+        self._graveyard.append(idx)
+
+    def bury(self) -> None:
+        """Empty one retired index for reuse (call between packets, a few times a
+        second).  Its arrays serve the next step staged: arrays are objects the
+        garbage collector tracks, and tens of thousands of new ones every step would
+        bring a full collection (tens of ms with many users) about as often."""
+        if self._graveyard:
+            idx = self._graveyard.pop()
+            for table in (idx.anchors, idx.partners):
+                for arr in table.values():
+                    del arr[:]
+            self._spare.append(idx)
 
     def starts(
         self, port: int, remembered: dict[int, int], live: Iterable[StepIndex]

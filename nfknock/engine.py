@@ -435,11 +435,10 @@ class Engine:
         a step outside the window is not live, whatever is indexed."""
         lo, hi = self._live_lo, self._live_hi + 1
         if indexes:
-            gone = [t for t in self._table.steps if t != HOTP_STEP and not lo <= t <= hi]
-            for step in gone:
-                self._table.drop(step)
-            if gone:  # let go of them here (freeing an index takes milliseconds)
-                self._live, self._live_version = [], -1
+            for step in [t for t in self._table.steps if t != HOTP_STEP and not lo <= t <= hi]:
+                self._table.retire(step)
+            self._live, self._live_version = [], -1  # ours are not the last references
+            self._table.bury()
         for step in [t for t in self._cursor if not lo <= t <= hi]:
             del self._cursor[step]
         self._built = {t for t in self._built if lo <= t <= hi}
@@ -498,7 +497,7 @@ class Engine:
         self._seen = dict(self._sources)
         self._gen_start, self._gen_end = mono, mono + self._timeout
 
-    def _roll(self, wall: float) -> None:
+    def _roll(self, wall: float) -> int:
         """The window moved (one step, or a clock step): the step that left is no
         longer live (its index goes in the next tick); the live steps must be built
         (normally staged by tick() already -- else up to SYNC_BUILD user-steps now,
@@ -509,7 +508,7 @@ class Engine:
         for step in self._live_order():
             self._ensure(step)
         self._ensure(self._live_hi + 1)
-        self._work(self._live_order(), SYNC_BUILD)
+        return self._work(self._live_order(), SYNC_BUILD)
 
     def tick(self, wall: float, mono: float, budget: int | None = None) -> list[Event]:
         """Housekeeping between packets: step change, expiry, building the live
@@ -519,8 +518,9 @@ class Engine:
         the step boundary at the rate tick() is called (observed); ``budget``, if
         given, caps the user-steps built in this call.  Call it a few times a
         second."""
+        cap = MAX_SHARE if budget is None else budget
         if not self._step_start <= wall < self._step_end:
-            self._roll(wall)
+            cap -= self._roll(wall)
         self._renew(wall, mono)
         self._drop_outside()
         events: list[Event] = []
@@ -531,9 +531,8 @@ class Engine:
         if self._tick_wall is not None and 0 < wall - self._tick_wall < 5:
             self._tick_gap = 0.75 * self._tick_gap + 0.25 * (wall - self._tick_wall)
         self._tick_wall = wall
-        cap = MAX_SHARE if budget is None else budget
         live = self._live_order()
-        if any(t in self._cursor for t in live):  # catching up after a clock step
+        if cap > 0 and any(t in self._cursor for t in live):  # catching up after a clock step
             cap -= self._work(live, cap)
         staged = self._live_hi + 1
         self._ensure(staged)
@@ -943,7 +942,8 @@ class Engine:
         """Rebuild the candidates of (user, step) if that step has candidates at all
         (live, or staged for the next step); other steps are just counters."""
         uidx = self._uidx[name]
-        if self._ulist[uidx].enabled and step in self._table.steps:
+        in_window = step == HOTP_STEP or self._live_lo <= step <= self._live_hi + 1
+        if in_window and self._ulist[uidx].enabled and step in self._table.steps:
             self._build(uidx, step)
 
     # --- introspection and persistence ----------------------------------------

