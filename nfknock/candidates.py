@@ -37,7 +37,7 @@ window lets complete, as soon as its anchor and one more knock are in.
 *The start index* has one part per step (dropped whole when the step leaves the
 window, so retiring a step costs nothing per candidate):
 
-    anchors[port]   slots whose anchor is ``port``
+    anchors[port]   slots whose anchor is ``port`` (in buckets: ``anchored()``)
     partners[port]  the ports that begin a candidate together with ``port``: the
                     followers of candidates anchored at it, and the anchors of
                     candidates it follows
@@ -93,24 +93,74 @@ except ImportError:  # pragma: no cover - a CPython built without OpenSSL
     new_mac = partial(hmac.new, digestmod=hashlib.sha512)
 
 
-def _slot_list() -> array[int]:
-    return array("I")
-
-
 def _port_list() -> array[int]:
     return array("H")
+
+
+# Anchors are kept in this many buckets (port mod buckets) of parallel port and slot
+# arrays, not one array per port: arrays are objects the garbage collector tracks,
+# and a full collection costs ~150 ns for each (see CandidateTable.bury).
+ANCHOR_BUCKETS = 1024
 
 
 class StepIndex:
     """The start index of one step (see the module docstring)."""
 
-    __slots__ = ("anchors", "gen", "partners", "step")
+    __slots__ = ("anchor_ports", "anchor_slots", "gen", "partners", "step")
 
     def __init__(self, step: int, gen: int) -> None:
         self.step = step
         self.gen = gen  # distinguishes this index from an earlier one of the same step
-        self.anchors: defaultdict[int, array[int]] = defaultdict(_slot_list)
+        self.anchor_ports: list[array[int] | None] = [None] * ANCHOR_BUCKETS
+        self.anchor_slots: list[array[int] | None] = [None] * ANCHOR_BUCKETS
         self.partners: defaultdict[int, array[int]] = defaultdict(_port_list)
+
+    def add_anchor(self, port: int, slot: int) -> None:
+        b = port % ANCHOR_BUCKETS
+        ports, slots = self.anchor_ports[b], self.anchor_slots[b]
+        if ports is None or slots is None:
+            ports = self.anchor_ports[b] = array("H")
+            slots = self.anchor_slots[b] = array("I")
+        ports.append(port)
+        slots.append(slot)
+
+    def anchored(self, port: int) -> list[int]:
+        """The slots whose anchor is ``port`` (found in C: array.index)."""
+        b = port % ANCHOR_BUCKETS
+        ports, slots = self.anchor_ports[b], self.anchor_slots[b]
+        out: list[int] = []
+        if ports is None or slots is None:
+            return out
+        i = -1
+        try:
+            while True:
+                i = ports.index(port, i + 1)
+                out.append(slots[i])
+        except ValueError:
+            return out
+
+    def remove_anchor(self, port: int, slot: int) -> None:
+        b = port % ANCHOR_BUCKETS
+        ports, slots = self.anchor_ports[b], self.anchor_slots[b]
+        if ports is not None and slots is not None:
+            i = slots.index(slot)
+            del ports[i]
+            del slots[i]
+
+    def anchors(self) -> list[tuple[int, int]]:
+        """Every (anchor port, slot) (tests)."""
+        return [
+            (p, s)
+            for ports, slots in zip(self.anchor_ports, self.anchor_slots, strict=True)
+            if ports is not None and slots is not None
+            for p, s in zip(ports, slots, strict=True)
+        ]
+
+    def empty(self) -> None:
+        """Empty every array in place (for reuse, see CandidateTable.bury)."""
+        for arr in (*self.anchor_ports, *self.anchor_slots, *self.partners.values()):
+            if arr is not None:
+                del arr[:]
 
 
 class PrefixDeriver:
@@ -331,7 +381,12 @@ class CandidateTable:
             self._free,
             self.gring,
         )
-        anchors, partners, near, track_near = idx.anchors, idx.partners, self.near, self.track_near
+        add_anchor, partners, near, track_near = (
+            idx.add_anchor,
+            idx.partners,
+            self.near,
+            self.track_near,
+        )
         stale: dict[int, int] = {}
         for c, ports in zip(counters, found, strict=True):
             padded = ports if len(ports) == k else ports + (0,) * (k - len(ports))
@@ -347,7 +402,7 @@ class CandidateTable:
                 group.append(g)
             if len(ports) >= 2:  # see _index_slot
                 anchor, followers = ports[0], ports[1:]
-                anchors[anchor].append(s)
+                add_anchor(anchor, s)
                 partners[anchor].extend(followers)
                 if track_near:
                     near[anchor] += len(followers)
@@ -427,7 +482,7 @@ class CandidateTable:
         if len(ports) < 2:
             return  # a one-port sequence never starts: starting takes two knocks
         anchor, followers = ports[0], ports[1:]
-        idx.anchors[anchor].append(s)
+        idx.add_anchor(anchor, s)
         partners, near = idx.partners, self.near
         partners[anchor].extend(followers)
         for f in followers:
@@ -445,7 +500,7 @@ class CandidateTable:
             return
         anchor, followers = ports[0], ports[1:]
         near, partners = self.near, idx.partners
-        idx.anchors[anchor].remove(s)
+        idx.remove_anchor(anchor, s)
         mine = partners[anchor]
         for f in followers:
             mine.remove(f)
@@ -475,9 +530,7 @@ class CandidateTable:
         bring a full collection (tens of ms with many users) about as often."""
         if self._graveyard:
             idx = self._graveyard.pop()
-            for table in (idx.anchors, idx.partners):
-                for arr in table.values():
-                    del arr[:]
+            idx.empty()
             self._spare.append(idx)
 
     def starts(
@@ -492,11 +545,9 @@ class CandidateTable:
             partners = idx.partners.get(port)
             if partners is None or known.isdisjoint(partners):
                 continue  # the usual case, decided in C
-            slots = set(idx.anchors.get(port, ()))
+            slots = set(idx.anchored(port))
             for q in known & set(partners):
-                anchored = idx.anchors.get(q)
-                if anchored is not None:
-                    slots.update(anchored)
+                slots.update(idx.anchored(q))
             k, step = self.k, idx.step
             for s in slots:
                 g = self.group[s]

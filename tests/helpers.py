@@ -154,11 +154,11 @@ def check_engine(core: Core) -> None:
             partners.setdefault(ports[0], []).extend(ports[1:])
             for f in ports[1:]:
                 partners.setdefault(f, []).append(ports[0])
-        indexed = [s for slots in idx.anchors.values() for s in slots]
-        assert sorted(indexed) == sorted(anchored), f"step {step}: anchors"
-        for port, slots in idx.anchors.items():
-            for s in slots:
-                assert table.prefix[s * k] == port
+        indexed = idx.anchors()
+        assert sorted(s for _, s in indexed) == sorted(anchored), f"step {step}: anchors"
+        for port, s in indexed:
+            assert table.prefix[s * k] == port
+            assert s in idx.anchored(port)
         assert {p: sorted(v) for p, v in idx.partners.items() if v} == {
             p: sorted(v) for p, v in partners.items()
         }, f"step {step}: partners"
