@@ -248,7 +248,9 @@ class Engine:
         # Tier 0 (module docstring): key -> first knock's port, or -> Source.
         self._seen: dict[bytes, int | tuple[int, ...] | Source] = {}
         self._prev_seen: dict[bytes, int | tuple[int, ...] | Source] = {}
+        # New sources per generation; the records carried over do not count.
         self._seen_limit = min(max(settings.max_sources // 2, SEEN_MIN), SEEN_MAX)
+        self._seen_cap = self._seen_limit
         self._gen_start = math.inf  # the current generation of tier 0 (mono)
         self._gen_end = math.inf
         self._t_lo = self._t_hi = 0.0  # wall-clock bounds of "nothing to do" (_on_time)
@@ -495,6 +497,7 @@ class Engine:
     def _turn(self, mono: float) -> None:
         self._prev_seen = self._seen
         self._seen = dict(self._sources)
+        self._seen_cap = len(self._seen) + self._seen_limit
         self._gen_start, self._gen_end = mono, mono + self._timeout
 
     def _roll(self, wall: float) -> int:
@@ -614,7 +617,7 @@ class Engine:
             # something (nearly always true with many users: then not even tested).
             if self._near_gate[port]:
                 seen[key] = port
-                if len(seen) > self._seen_limit:
+                if len(seen) > self._seen_cap:
                     self._turn(mono)
             return DROP_SILENT
         if isinstance(known, Source):

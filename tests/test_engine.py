@@ -542,7 +542,7 @@ def test_a_step_whose_counters_were_pruned_never_goes_live_again() -> None:
 
 def test_a_first_knock_survives_one_turn_of_tier_zero() -> None:
     engine, clock = make()
-    engine.knocks._seen_limit = 8  # turn after eight new sources
+    engine.knocks._seen_limit = engine.knocks._seen_cap = 8  # turn after eight new sources
     ports = seq(engine, alice(), clock.wall)
     knock_all(engine, clock, ports[:1])
     near = [p for p in range(1024, 33792) if engine.knocks._table.near[p] and p not in ports]
@@ -556,7 +556,7 @@ def test_a_first_knock_survives_one_turn_of_tier_zero() -> None:
 def test_tier_zero_is_bounded_by_a_flood_of_new_sources() -> None:
     users = [alice(name=f"u{i}", secret=i.to_bytes(2, "big") * 16) for i in range(2000)]
     engine, clock = make(users=users)  # enough users that every knock port is near
-    engine.knocks._seen_limit = 1000
+    engine.knocks._seen_limit = engine.knocks._seen_cap = 1000
     rng = random.Random(3)
     for _ in range(5000):
         engine.decide(rng.randbytes(4), SERVER, rng.randint(1024, 33791), clock.wall, clock.mono)
@@ -583,6 +583,27 @@ def test_after_a_clock_step_the_packet_path_builds_a_bounded_share_and_ticks_the
     knock_all(engine, clock, seq(engine, last, clock.wall, counter=1))
     assert syn(engine, clock) is Verdict.ACCEPT
     check_engine(engine)
+
+
+def test_tier_zero_turns_by_new_sources_however_many_sources_are_tracked() -> None:
+    engine, clock = make(max_sources=64)
+    knocks = engine.knocks
+    rng = random.Random(4)
+    ports = [p for p in range(1024, 33792) if knocks._table.near[p]]
+    for _ in range(40):  # 40 tracked sources ...
+        src = rng.randbytes(4)
+        for port in rng.sample(ports, 5):
+            engine.decide(src, SERVER, port, clock.wall, clock.mono)
+    assert engine.tracked_sources() == 40
+    knocks._seen_limit = 16  # ... more than a generation of new ones
+    knocks._turn(clock.mono)
+    turned = knocks._prev_seen
+    for _ in range(16):  # sixteen new sources fit in this generation
+        engine.decide(rng.randbytes(4), SERVER, ports[0], clock.wall, clock.mono)
+    assert knocks._prev_seen is turned
+    engine.decide(rng.randbytes(4), SERVER, ports[0], clock.wall, clock.mono)
+    assert knocks._prev_seen is not turned  # the seventeenth turns it over
+    assert engine.tracked_sources() == 40
 
 
 def test_random_knocks_from_many_sources_create_little_state() -> None:
