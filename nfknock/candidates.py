@@ -327,11 +327,10 @@ class CandidateTable:
         g = self.group_of(uidx, step)
         idx = self.index(step)
         if self.gstep[g] != step:
-            old = self.gstep[g]
-            if old != NO_STEP:
-                # The group's step left the window (a residue comes back only then):
-                # its index goes whole, not slot by slot.
-                self.retire(old)
+            if self.gstep[g] != NO_STEP:
+                # Cheap when the old step's index was retired first (the engine does:
+                # a residue comes back only after its step left the window); else
+                # the old slots leave that index one by one.
                 self.clear(g)
             self.gstep[g] = step
             self.ggen[g] = idx.gen

@@ -18,8 +18,8 @@ first use) with a start index per step.  A step change costs the packet path
 almost nothing: :meth:`Engine.tick` builds the next step's candidates ahead of
 time (*staged*: indexed but not live until the step enters the window), a share
 per call that grows with the users left and shrinks with the time left before
-the boundary; the step that leaves the window stops being live at once and drops
-its whole index in the next tick.
+the boundary; the step that leaves the window drops its whole index at once (a
+tick() empties it later, for the next step to reuse).
 
 *Sources.*  Progress is tracked per (source address, destination address) -- a
 "source" below -- in two tiers, so that random traffic creates no per-source
@@ -430,17 +430,14 @@ class Engine:
             order += [t for t in (self._step - d, self._step + d) if self._live_lo <= t]
         return order
 
-    def _drop_outside(self, indexes: bool = True) -> None:
+    def _drop_outside(self) -> None:
         """Forget every time step outside the live window and the staged step: its
-        builds, and (``indexes``) its start index -- the slots are freed when their
-        groups are rebuilt.  The packet path leaves the indexes to the next tick():
-        a step outside the window is not live, whatever is indexed."""
+        builds, and its start index (retired: emptied by a later tick(); the slots
+        are freed when their groups are rebuilt)."""
         lo, hi = self._live_lo, self._live_hi + 1
-        if indexes:
-            for step in [t for t in self._table.steps if t != HOTP_STEP and not lo <= t <= hi]:
-                self._table.retire(step)
-            self._live, self._live_version = [], -1  # ours are not the last references
-            self._table.bury()
+        for step in [t for t in self._table.steps if t != HOTP_STEP and not lo <= t <= hi]:
+            self._table.retire(step)
+            self._live, self._live_version = [], -1
         for step in [t for t in self._cursor if not lo <= t <= hi]:
             del self._cursor[step]
         self._built = {t for t in self._built if lo <= t <= hi}
@@ -501,13 +498,13 @@ class Engine:
         self._gen_start, self._gen_end = mono, mono + self._timeout
 
     def _roll(self, wall: float) -> int:
-        """The window moved (one step, or a clock step): the step that left is no
-        longer live (its index goes in the next tick); the live steps must be built
+        """The window moved (one step, or a clock step): the step that left drops its
+        index (emptied later, in tick()); the live steps must be built
         (normally staged by tick() already -- else up to SYNC_BUILD user-steps now,
         current step first, the rest in tick()); the next step is scheduled for
         staging."""
         self._set_step(wall)
-        self._drop_outside(indexes=False)
+        self._drop_outside()
         for step in self._live_order():
             self._ensure(step)
         self._ensure(self._live_hi + 1)
@@ -526,6 +523,7 @@ class Engine:
             cap -= self._roll(wall)
         self._renew(wall, mono)
         self._drop_outside()
+        self._table.bury()
         events: list[Event] = []
         if self._pruned_at != self._step:
             self._pruned_at = self._step
