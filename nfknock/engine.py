@@ -632,15 +632,22 @@ class Engine:
         """A knock from a source whose few earlier knocks wait in tier 0: it becomes a
         record when this knock can begin a candidate with one of them (checked in C,
         without allocating) or when it is one too many to keep there."""
-        if isinstance(known, int):
-            earlier: tuple[int, ...] = (known,)
+        earlier: tuple[int, ...] = (known,) if isinstance(known, int) else known
+        before = self._prev_seen.get(key)  # knocks of the previous generation count too
+        if isinstance(before, int):
+            candidates: tuple[int, ...] = (before, *earlier)
+        elif isinstance(before, tuple):
+            candidates = before + earlier
+        else:
+            candidates = earlier
+        if len(candidates) == 1:
+            first = candidates[0]
             for idx in self._live_indexes():
                 partners = idx.partners.get(port)
-                if partners is not None and known in partners:
+                if partners is not None and first in partners:
                     return self._promote(key, earlier, port, wall, mono, 0)
         else:
-            earlier = known
-            ports = set(known)
+            ports = set(candidates)
             for idx in self._live_indexes():
                 partners = idx.partners.get(port)
                 if partners is not None and not ports.isdisjoint(partners):
