@@ -100,6 +100,7 @@ from nfknock.gate import Access, CounterClaim, Gate
 from nfknock.grants import split_key
 from nfknock.schemes import V1, Scheme, merge_ranges
 from nfknock.sequence import SequenceParams, step_of
+from nfknock.windows import WindowStore
 
 __all__ = ["HOTP_STEP", "Engine", "EngineSettings", "Progress", "Source"]
 
@@ -236,9 +237,7 @@ class Engine:
         self.gate = gate
         self._v1 = V1(settings.params)
         self._timeout = settings.sequence_timeout
-        # step -> user -> counter window (grouped by step: pruning takes whole steps)
-        self._windows: dict[int, dict[str, CounterWindow]] = {}
-        self._nwindows = 0
+        self._windows = WindowStore()
         # Replay state for steps at or below this was pruned (or lost): they never go
         # live again, whatever the clock says (see _set_step).
         self._pruned_through = -1
@@ -283,9 +282,7 @@ class Engine:
         for u in users:
             before = old.get(u.name)
             if before is not None and (before.secret, before.scheme) != (u.secret, u.scheme):
-                for by_user in self._windows.values():
-                    if by_user.pop(u.name, None) is not None:
-                        self._nwindows -= 1
+                self._windows.forget_user(u.name)
         self._set_users_quiet(users)
         self._build_live()
 
@@ -337,14 +334,7 @@ class Engine:
                     window.merge(CounterWindow(u.initial_counter))
 
     def _window(self, user: str, step: int) -> CounterWindow:
-        by_user = self._windows.get(step)
-        if by_user is None:
-            by_user = self._windows[step] = {}
-        window = by_user.get(user)
-        if window is None:
-            window = by_user[user] = CounterWindow()
-            self._nwindows += 1
-        return window
+        return self._windows.window(user, step)
 
     # --- candidates ------------------------------------------------------------
 
@@ -364,8 +354,7 @@ class Engine:
         scheme = self._scheme(user)
         if not scheme.has_counter:
             return range(1)
-        by_user = self._windows.get(step)
-        window = by_user.get(user.name) if by_user is not None else None
+        window = self._windows.get(user.name, step)
         floor = window.floor if window is not None else 0
         top = min(floor + self._lookahead(user), MAX_COUNTER)
         return range(max(0, floor - self.s.stale_counters), top + 1)
@@ -554,12 +543,7 @@ class Engine:
         Costs the number of distinct steps held, not of windows."""
         events: list[Event] = []
         cutoff = self._high_step - RETAIN_STEPS
-        pruned = self._pruned_through
-        for step in sorted(t for t in self._windows if t != HOTP_STEP):
-            if step >= cutoff and self._nwindows <= MAX_WINDOWS:
-                break
-            self._nwindows -= len(self._windows.pop(step))
-            pruned = max(pruned, step)
+        pruned = max(self._pruned_through, self._windows.prune(cutoff, MAX_WINDOWS, HOTP_STEP))
         if pruned != self._pruned_through:
             self._pruned_through = pruned
             self._live_lo = max(self._live_lo, pruned + 1)
@@ -958,16 +942,10 @@ class Engine:
 
     def counters(self) -> dict[str, dict[int, int]]:
         """user -> step -> floor (the lowest counter not spent)."""
-        out: dict[str, dict[int, int]] = {}
-        for step, by_user in self._windows.items():
-            for user, window in by_user.items():
-                out.setdefault(user, {})[step] = window.floor
-        return out
+        return self._windows.floors()
 
     def windows(self) -> list[tuple[str, int, CounterWindow]]:
-        return sorted(
-            (u, t, w) for t, by_user in self._windows.items() for u, w in by_user.items() if w.floor
-        )
+        return self._windows.spent()
 
     def replay_horizon(self) -> tuple[int, int]:
         """(highest step ever live, highest step whose replay state was pruned)."""
