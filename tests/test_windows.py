@@ -26,7 +26,7 @@ def test_prune_takes_the_oldest_whole_steps_while_there_are_too_many() -> None:
     store = _store({HOTP: 5, 30: 3, 31: 3, 32: 3})
     assert store.prune(below=0, most=8, keep=HOTP) == 31  # 14 -> 11 -> 8 windows
     assert store.count == 5 + 3
-    assert [t for _, t, _ in store.spent()] == [HOTP] * 5 + [32] * 3
+    assert sorted(t for _, t, _ in store.spent()) == [HOTP] * 5 + [32] * 3
 
 
 def test_prune_with_nothing_to_do_reports_none() -> None:
