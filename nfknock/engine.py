@@ -64,8 +64,8 @@ transitions of a knock at position ``p`` of a candidate the source has started:
     ===========================  ====================================================
 
 A knock that advances no candidate is remembered (it may begin one later,
-possibly together with others still to come).  One that advances, duplicates and
-starts nothing is *stray*; past ``stray_budget`` strays the source's progress
+possibly together with others still to come).  One that neither advances nor
+duplicates nor starts anything is *stray*; past ``stray_budget`` strays the source's progress
 and memory are dropped and its knocks ignored for ``sequence_timeout``: a flood
 from one address costs a dictionary lookup per packet.  Sequences may repeat a
 port (compatibility schemes): a knock takes the first position holding its port
@@ -75,8 +75,9 @@ that is not received yet.  Anything the tables do not cover ends in DROP.
 rule of :mod:`nfknock.counters`: a completion claims its counter locally at once (a
 replay right behind it is stale here already) and hands an :class:`~nfknock.gate.Access`
 to the gate, which makes it exactly-once across processes and gateways.  Windows
-outlive their step (bounded), so a clock stepped forward and back finds the counters
-it spent; a step whose window was pruned never goes live again (``replay_state_gap``).
+(:mod:`nfknock.windows`) outlive their step (bounded), so a clock stepped forward and
+back finds the counters it spent; a step whose window was pruned never goes live
+again (``replay_state_gap``).
 
 *Bounds.*  Sources (LRU), memory and progress per source, counter windows and
 stale candidates all have limits from the configuration.  A clock step (or a step
