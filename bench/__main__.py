@@ -4,6 +4,7 @@
     sudo .venv/bin/python -m bench --smoke    # tiny sizes: proves the harness runs (CI)
     sudo .venv/bin/python -m bench engine     # the sans-IO engine and SPA verifier (no root)
     sudo .venv/bin/python -m bench metrics    # throughput with Prometheus metrics on/off
+    .venv/bin/python -m bench engine-scale     # the engine at 100,000 users (not in "all")
 
 Writes bench/results/bench.json and bench/results/bench.md.  Every figure is
 measured in the same run as its baseline; see bench/README.md.
@@ -245,13 +246,21 @@ def main(argv: list[str] | None = None) -> int:
         "what",
         nargs="?",
         default="all",
-        choices=["all", "engine", "kernel", "metrics", "shared"],
+        choices=["all", "engine", "engine-scale", "kernel", "metrics", "shared"],
     )
+    ap.add_argument("--users", type=int, default=100_000, help="engine-scale: how many users")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     sizes = SIZES["smoke" if args.smoke else "full"]
     res: dict[str, Any] = {"machine": machine(), "smoke": args.smoke}
+    if args.what == "engine-scale":
+        res["engine_scale"] = engine.scale(args.users)
+        print(json.dumps(res, indent=1))
+        print(engine.scale_table(res["engine_scale"]))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "engine-scale.json").write_text(json.dumps(res, indent=1) + "\n")
+        return 0
     if args.what in ("all", "engine"):
         res["engine"] = engine.run(**sizes["engine"])
         print(engine.table(res["engine"]), flush=True)

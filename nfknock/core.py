@@ -284,7 +284,7 @@ class Core:
 
     # --- time -----------------------------------------------------------------------
 
-    def tick(self, wall: float, mono: float, budget: int = 256) -> list[Event]:
+    def tick(self, wall: float, mono: float, budget: int | None = None) -> list[Event]:
         events = self.knocks.tick(wall, mono, budget)
         events += self.grants.expire(mono)
         return events

@@ -118,3 +118,60 @@ def syn(
 
 def kinds(decisions: Iterable[Decision]) -> list[EventKind]:
     return [e.kind for d in decisions for e in d.events]
+
+
+def opened(decisions: Iterable[Decision]) -> list[str]:
+    """The users whose grants the decisions opened, sorted."""
+    return sorted(
+        e.user for d in decisions for e in d.events if e.kind is EventKind.GRANT_OPENED and e.user
+    )
+
+
+def check_engine(core: Core) -> None:
+    """The knock engine's tables agree with each other (white-box invariants):
+
+    * every anchor entry of a step's start index names a slot that holds a candidate
+      of that step with that first port, and every such slot is indexed once;
+    * each step's partner lists are exactly those its candidates imply;
+    * ``near`` counts the partner entries at each port;
+    * every user's wanted candidates exist in every fully built step;
+    * every tracked source is found by its key in tier 0.
+    """
+    engine = core.knocks
+    table = engine._table
+    k = table.k
+    near = [0] * 65536
+    for step, idx in table.steps.items():
+        held: set[int] = set()
+        for g in range(len(table.gstep)):
+            if table.gstep[g] == step and table.ggen[g] == idx.gen:
+                held.update(table.held(g).values())
+        partners: dict[int, list[int]] = {}
+        anchored: list[int] = []
+        for s in held:
+            ports = [p for p in table.prefix[s * k : s * k + k] if p]
+            if len(ports) < 2:
+                continue
+            anchored.append(s)
+            partners.setdefault(ports[0], []).extend(ports[1:])
+            for f in ports[1:]:
+                partners.setdefault(f, []).append(ports[0])
+        indexed = idx.anchors()
+        assert sorted(s for _, s in indexed) == sorted(anchored), f"step {step}: anchors"
+        for port, s in indexed:
+            assert table.prefix[s * k] == port
+            assert s in idx.anchored(port)
+        assert {p: sorted(v) for p, v in idx.partners.items() if v} == {
+            p: sorted(v) for p, v in partners.items()
+        }, f"step {step}: partners"
+        for port, arr in idx.partners.items():
+            near[port] += len(arr)
+    assert near == table.near or not table.track_near
+    for step in engine._built:
+        for uidx, user in enumerate(engine._ulist):
+            if not user.enabled or engine._scheme(user).time_based != (step != -1):
+                continue
+            for counter in engine._wanted_counters(user, step):
+                assert table.slot_of(uidx, step, counter) >= 0, (user.name, step, counter)
+    for key, source in engine._sources.items():
+        assert engine._seen[key] is source

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
-from array import array
 
 import pytest
 
-from nfknock.config import User
+from nfknock.candidates import PrefixDeriver
+from nfknock.engine import RETAIN_STEPS
 from nfknock.events import EventKind, Verdict
+from nfknock.sequence import step_of
 
 from .helpers import (
     CLIENT,
@@ -17,12 +18,15 @@ from .helpers import (
     SERVER,
     SERVER6,
     Clock,
+    InstantCore,
     alice,
     bob,
+    check_engine,
     ip,
     kinds,
     knock_all,
     make,
+    opened,
     seq,
     syn,
 )
@@ -229,6 +233,25 @@ def test_two_users_interleaved_from_one_address_both_complete() -> None:
     assert sorted(u for u in opened if u) == ["alice", "bob"]
 
 
+def test_eight_users_behind_one_address_knocking_round_robin_all_open() -> None:
+    users = [alice(name=f"u{i}", secret=bytes([i + 1]) * 32) for i in range(8)]
+    engine, clock = make(users=users)
+    seqs = [seq(engine, u, clock.wall) for u in users]
+    mixed = [p for column in zip(*seqs, strict=True) for p in column]
+    decisions = knock_all(engine, clock, mixed, gap=0.0002)
+    assert opened(decisions) == sorted(u.name for u in users)
+
+
+def test_a_sequence_starts_however_many_knocks_of_others_lie_between_its_first_two() -> None:
+    users = [alice(name=f"u{i}", secret=bytes([i + 1]) * 32) for i in range(8)]
+    engine, clock = make(users=users)
+    first, *others = [seq(engine, u, clock.wall) for u in users]
+    # u0's first knock, then the other seven sequences whole, then the rest of u0's
+    mixed = [first[0]] + [p for s in others for p in s] + list(first[1:])
+    decisions = knock_all(engine, clock, mixed, gap=0.0002)
+    assert opened(decisions) == sorted(u.name for u in users)
+
+
 def test_ipv6_source_opens_for_ipv6_destination() -> None:
     engine, clock = make()
     knock_all(engine, clock, seq(engine, alice(), clock.wall), src=CLIENT6, dst=SERVER6)
@@ -374,16 +397,20 @@ def test_tick_stages_the_next_step_so_the_step_change_derives_nothing(
     engine, _ = make(users=[alice(), bob()], clock=clock)
     engine.tick(clock.wall, clock.mono)  # stages step T+2 for both users
     derived: list[int] = []
-    real = engine.knocks._derive
+    real = PrefixDeriver.prefixes
 
-    def counting(user: User, step: int, counter: int) -> array[int]:
+    def counting(
+        self: PrefixDeriver, secret: bytes, step: int, counters: range, mac: object = None
+    ) -> list[tuple[int, ...]]:
         derived.append(step)
-        return real(user, step, counter)
+        return real(self, secret, step, counters)
 
-    monkeypatch.setattr(engine.knocks, "_derive", counting)
+    monkeypatch.setattr(PrefixDeriver, "prefixes", counting)
     clock.advance(10)  # into the next step
-    engine.tick(clock.wall, clock.mono)
+    knock_all(engine, clock, [5000], src=CLIENT2)  # the step change, on the packet path
     assert derived == []
+    engine.tick(clock.wall, clock.mono)
+    assert set(derived) == {engine.step + 2}  # ticks stage the step after
     knock_all(engine, clock, seq(engine, alice(), clock.wall + 30))
     assert syn(engine, clock) is Verdict.ACCEPT
 
@@ -396,13 +423,13 @@ def test_a_staged_sequence_does_not_open_before_its_step_enters_the_window() -> 
     assert syn(engine, clock) is Verdict.DROP
 
 
-def test_the_step_that_left_the_window_never_opens_even_before_it_is_unindexed() -> None:
+def test_the_step_that_left_the_window_never_opens() -> None:
     clock = Clock(wall=1_700_000_035.0)
     engine, _ = make(clock=clock)
     old = seq(engine, alice(), clock.wall - 30)  # T-1: fine now, gone after the change
     clock.advance(10)
-    engine.tick(clock.wall, clock.mono, budget=0)  # the change, nothing retired yet
-    assert engine.knocks._retiring
+    engine.tick(clock.wall, clock.mono, budget=0)
+    assert engine.step - 2 not in engine.knocks._table.steps
     knock_all(engine, clock, old)
     assert syn(engine, clock) is Verdict.DROP
 
@@ -418,35 +445,164 @@ def test_progress_on_a_step_that_leaves_the_window_is_discarded() -> None:
     assert syn(engine, clock) is Verdict.DROP
 
 
-def test_retired_candidates_leave_the_start_index_within_a_few_ticks() -> None:
+def test_the_step_that_leaves_the_window_leaves_the_start_index_at_once() -> None:
     clock = Clock(wall=1_700_000_035.0)
     engine, _ = make(users=[alice(), bob()], clock=clock)
-    for _ in range(3):
-        engine.tick(clock.wall, clock.mono)
-    before = len(engine.knocks._candidates)
+    engine.tick(clock.wall, clock.mono)
+    table = engine.knocks._table
+    t = engine.step
+    assert set(table.steps) == {t - 1, t, t + 1, t + 2}
     per_step = 2 * (1 + engine.s.lookahead)  # two users: the floor and its look-ahead
+    assert table.slots_in_use() == 4 * per_step
     clock.advance(10)
-    for _ in range(per_step):
-        engine.tick(clock.wall, clock.mono, budget=1)
-    assert not engine.knocks._retiring
-    assert {c.step for c in engine.knocks._candidates.values()} == set(
-        range(engine.step - 1, engine.step + 2)
-    )
-    assert len(engine.knocks._candidates) == before - per_step
-    indexed = {cid for near in engine.knocks._near.values() for cid in near}
-    assert indexed == set(engine.knocks._candidates)
+    knock_all(engine, clock, [5000])  # the step change, on the packet path
+    assert set(table.steps) == {t, t + 1, t + 2}
+    check_engine(engine)
+    engine.tick(clock.wall, clock.mono, budget=0)  # empties it for reuse
+    assert not table._graveyard and table._spare
+    for _ in range(4):
+        clock.advance(0.25)
+        engine.tick(clock.wall, clock.mono)
+    assert set(table.steps) == {t, t + 1, t + 2, t + 3}
+    assert table.slots_in_use() == 4 * per_step  # T+3 took the slots T-1 left
+    check_engine(engine)
 
 
 def test_a_clock_jump_rebuilds_the_window() -> None:
     engine, clock = make()
     clock.advance(3600)
     engine.tick(clock.wall, clock.mono)
-    assert {c.step for c in engine.knocks._candidates.values()} == set(
-        range(engine.step - 1, engine.step + 2)
-    )
+    assert set(engine.knocks._table.steps) == set(range(engine.step - 1, engine.step + 3))
+    check_engine(engine)
     clock.advance(-7200)
     knock_all(engine, clock, seq(engine, alice(), clock.wall))
     assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def _tick_for(engine: InstantCore, clock: Clock, seconds: float) -> list[EventKind]:
+    """The daemon's housekeeping: a tick every 0.25 s (monotonic time)."""
+    events: list[EventKind] = []
+    for _ in range(int(seconds * 4)):
+        clock.mono += 0.25
+        clock.wall += 0.25
+        events += [e.kind for e in engine.tick(clock.wall, clock.mono)]
+    return events
+
+
+def test_a_clock_stepped_forward_an_hour_and_back_still_knows_the_spent_counter() -> None:
+    engine, clock = make()
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports)
+    assert syn(engine, clock) is Verdict.ACCEPT
+    back = clock.wall
+    clock.wall += 3600  # the clock steps forward an hour ...
+    _tick_for(engine, clock, 5)
+    clock.wall = back  # ... and back to step T
+    _tick_for(engine, clock, 1)
+    decisions = knock_all(engine, clock, ports, src=CLIENT2)
+    assert EventKind.SEQUENCE_STALE in kinds(decisions)
+    assert EventKind.GRANT_OPENED not in kinds(decisions)
+    assert syn(engine, clock, src=CLIENT2) is Verdict.REJECT  # stale, not a grant
+    knock_all(engine, clock, seq(engine, alice(), clock.wall, counter=1), src=CLIENT2)
+    assert syn(engine, clock, src=CLIENT2) is Verdict.ACCEPT  # the next counter still opens
+
+
+def test_a_clock_stepped_forward_without_ticks_and_back_still_knows_the_spent_counter() -> None:
+    engine, clock = make()
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports)
+    back = clock.wall
+    clock.wall += 3600
+    knock_all(engine, clock, [5000], src=CLIENT2)  # the packet path sees the jump
+    clock.wall = back
+    knock_all(engine, clock, ports, src=CLIENT2)
+    assert syn(engine, clock, src=CLIENT2) is Verdict.REJECT
+
+
+def test_a_step_whose_counters_were_pruned_never_goes_live_again() -> None:
+    engine, clock = make()
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports)
+    back = clock.wall
+    clock.wall += (RETAIN_STEPS + 10) * engine.s.params.step_seconds
+    assert EventKind.REPLAY_STATE_GAP not in _tick_for(engine, clock, 1)  # prunes step T
+    clock.wall = back
+    events = _tick_for(engine, clock, 2)
+    assert events.count(EventKind.REPLAY_STATE_GAP) == 1  # said once
+    assert engine.knocks.replay_horizon()[1] >= step_of(back, engine.s.params.step_seconds)
+    decisions = knock_all(engine, clock, ports, src=CLIENT2)  # the replay ...
+    fresh = knock_all(engine, clock, seq(engine, alice(), back, counter=1), src=CLIENT2)
+    assert EventKind.GRANT_OPENED not in kinds(decisions + fresh)  # ... and a new counter
+    assert syn(engine, clock, src=CLIENT2) is Verdict.DROP
+    clock.wall = back + 30  # the next step was never pruned: it opens
+    knock_all(engine, clock, seq(engine, alice(), clock.wall))
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_a_first_knock_survives_one_turn_of_tier_zero() -> None:
+    engine, clock = make()
+    engine.knocks._seen_limit = engine.knocks._seen_cap = 8  # turn after eight new sources
+    ports = seq(engine, alice(), clock.wall)
+    knock_all(engine, clock, ports[:1])
+    near = [p for p in range(1024, 33792) if engine.knocks._table.near[p] and p not in ports]
+    for i in range(9):  # nine other sources: tier 0 turns between our first two knocks
+        knock_all(engine, clock, [near[i]], src=ip(f"198.51.100.{100 + i}"))
+    assert (CLIENT + SERVER) in engine.knocks._prev_seen
+    knock_all(engine, clock, ports[1:])
+    assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def test_tier_zero_is_bounded_by_a_flood_of_new_sources() -> None:
+    users = [alice(name=f"u{i}", secret=i.to_bytes(2, "big") * 16) for i in range(2000)]
+    engine, clock = make(users=users)  # enough users that every knock port is near
+    engine.knocks._seen_limit = engine.knocks._seen_cap = 1000
+    rng = random.Random(3)
+    for _ in range(5000):
+        engine.decide(rng.randbytes(4), SERVER, rng.randint(1024, 33791), clock.wall, clock.mono)
+    assert len(engine.knocks._seen) <= 1001
+    assert len(engine.knocks._prev_seen) == 1001  # a full generation was turned over
+
+
+def test_after_a_clock_step_the_packet_path_builds_a_bounded_share_and_ticks_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nfknock.engine
+
+    monkeypatch.setattr(nfknock.engine, "SYNC_BUILD", 3)
+    users = [alice(name=f"u{i}", secret=bytes([i + 1]) * 32) for i in range(10)]
+    engine, clock = make(users=users)
+    clock.advance(3600)  # a clock step: nothing of the new window is built
+    knock_all(engine, clock, [5000], src=CLIENT2)
+    assert engine.knocks._cursor  # the packet path built three users of it, no more
+    last = users[-1]
+    knock_all(engine, clock, seq(engine, last, clock.wall))
+    assert syn(engine, clock) is Verdict.DROP  # not built yet: fails closed
+    engine.tick(clock.wall, clock.mono)  # the current step first, then the others
+    # the client tries again (with its next counter, as nfknock-client does)
+    knock_all(engine, clock, seq(engine, last, clock.wall, counter=1))
+    assert syn(engine, clock) is Verdict.ACCEPT
+    check_engine(engine)
+
+
+def test_tier_zero_turns_by_new_sources_however_many_sources_are_tracked() -> None:
+    engine, clock = make(max_sources=64)
+    knocks = engine.knocks
+    rng = random.Random(4)
+    ports = [p for p in range(1024, 33792) if knocks._table.near[p]]
+    for _ in range(40):  # 40 tracked sources ...
+        src = rng.randbytes(4)
+        for port in rng.sample(ports, 5):
+            engine.decide(src, SERVER, port, clock.wall, clock.mono)
+    assert engine.tracked_sources() == 40
+    knocks._seen_limit = 16  # ... more than a generation of new ones
+    knocks._turn(clock.mono)
+    turned = knocks._prev_seen
+    for _ in range(16):  # sixteen new sources fit in this generation
+        engine.decide(rng.randbytes(4), SERVER, ports[0], clock.wall, clock.mono)
+    assert knocks._prev_seen is turned
+    engine.decide(rng.randbytes(4), SERVER, ports[0], clock.wall, clock.mono)
+    assert knocks._prev_seen is not turned  # the seventeenth turns it over
+    assert engine.tracked_sources() == 40
 
 
 def test_random_knocks_from_many_sources_create_little_state() -> None:
@@ -474,7 +630,7 @@ def test_an_untracked_source_past_its_stray_budget_is_ignored_until_its_slot_exp
     users = [alice(name=f"u{i}", secret=(i + 1).to_bytes(2, "big") * 16) for i in range(300)]
     engine, clock = make(users=users, stray_budget=3)
     mine = set(seq(engine, users[0], clock.wall))
-    near = [p for p in range(1024, 33792) if engine.knocks._near_map[p] and p not in mine]
+    near = [p for p in range(1024, 33792) if engine.knocks._table.near[p] and p not in mine]
     knock_all(engine, clock, near[:200], gap=0.0001)  # a sweep of near ports, one source
     knock_all(engine, clock, seq(engine, users[0], clock.wall), gap=0.0001)
     assert syn(engine, clock) is Verdict.DROP  # ignored while the budget is spent

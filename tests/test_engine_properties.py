@@ -9,7 +9,20 @@ from hypothesis import strategies as st
 
 from nfknock.events import EventKind, Verdict
 
-from .helpers import CLIENT, CLIENT2, SERVER, alice, bob, kinds, knock_all, make, seq, syn
+from .helpers import (
+    CLIENT,
+    CLIENT2,
+    SERVER,
+    alice,
+    bob,
+    check_engine,
+    kinds,
+    knock_all,
+    make,
+    opened,
+    seq,
+    syn,
+)
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -35,6 +48,34 @@ def test_right_sequence_with_duplicates_and_reordering_always_opens(
     ports = seq(engine, alice(), clock.wall)
     knock_all(engine, clock, _jitter(ports, random.Random(seed), window, dup_rate))
     assert syn(engine, clock) is Verdict.ACCEPT
+
+
+def _merge(seqs: list[list[int]], rng: random.Random) -> list[int]:
+    """A random interleaving that keeps each sequence's own order."""
+    owners = [i for i, s in enumerate(seqs) for _ in s]
+    rng.shuffle(owners)
+    heads = [iter(s) for s in seqs]
+    return [next(heads[i]) for i in owners]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k=st.integers(2, 8),
+    seed=st.integers(0, 2**32),
+    window=st.integers(0, 4),
+    dup_rate=st.floats(0, 0.3),
+)
+def test_interleaved_sequences_of_up_to_eight_users_from_one_address_all_open(
+    k: int, seed: int, window: int, dup_rate: float
+) -> None:
+    # k users behind one NAT address knock at once: each sequence reordered within the
+    # (default) reorder window and duplicated, the k of them randomly interleaved.
+    users = [alice(name=f"u{i}", secret=bytes([i + 1]) * 32) for i in range(k)]
+    engine, clock = make(users=users)
+    rng = random.Random(seed)
+    seqs = [_jitter(seq(engine, u, clock.wall), rng, window, dup_rate) for u in users]
+    decisions = knock_all(engine, clock, _merge(seqs, rng), gap=0.0002)
+    assert opened(decisions) == sorted(u.name for u in users)
 
 
 @settings(max_examples=3, deadline=None)
@@ -80,6 +121,45 @@ def test_replay_of_a_completed_sequence_never_opens_again(seed: int, delay: floa
     assert syn(engine, clock, src=src) in (Verdict.DROP, Verdict.REJECT)
 
 
+_clock_moves = st.lists(
+    st.tuples(
+        st.sampled_from([-1, 1]),
+        st.sampled_from([0.4, 1, 2, 30, 3600, 86400, 3 * 86400]),  # seconds
+        st.booleans(),  # tick the daemon's housekeeping for a few seconds after
+        st.booleans(),  # replay the spent sequence right there
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(moves=_clock_moves)
+def test_a_spent_sequence_never_opens_again_whatever_the_clock_does(
+    moves: list[tuple[int, float, bool, bool]],
+) -> None:
+    engine, clock = make()
+    spent_at = clock.wall
+    ports = seq(engine, alice(), spent_at)
+    knock_all(engine, clock, ports)
+    assert syn(engine, clock) is Verdict.ACCEPT
+    replays = 0
+    for sign, seconds, tick, replay_here in [*moves, (1, 0.0, False, True)]:
+        clock.wall += sign * seconds
+        if tick:
+            for _ in range(8):
+                clock.advance(0.25)
+                engine.tick(clock.wall, clock.mono)
+        if replay_here:
+            for wall in (clock.wall, spent_at):  # here, and with the clock back at T
+                clock.wall = wall
+                replays += 1
+                src = bytes([198, 51, 100, 100 + replays])
+                decisions = knock_all(engine, clock, ports, src=src)
+                assert EventKind.GRANT_OPENED not in kinds(decisions)
+                assert syn(engine, clock, src=src) is not Verdict.ACCEPT
+
+
 _inputs = st.lists(
     st.tuples(
         st.sampled_from(["knock-right", "knock-random", "syn", "tick", "advance", "users"]),
@@ -112,24 +192,7 @@ def test_any_input_sequence_leaves_the_engine_consistent(script: list[tuple[str,
             engine.set_users([alice(), bob()][: n % 3], clock.mono)
         # invariants
         assert engine.tracked_sources() <= 32
-        retiring = set(engine.knocks._retiring)
-        skew = engine.s.skew_steps
-        for cid, cand in engine.knocks._candidates.items():
-            key = (cand.user, cand.step, cand.counter)
-            assert engine.knocks._by_key[key] == cid
-            assert engine.users[cand.user].enabled
-            # live, staged for the next step, or waiting to be unindexed
-            assert -skew <= cand.step - engine.step <= skew + 1 or key in retiring
-        for user in engine.users.values():  # every live candidate is there
-            for step in range(engine.step - skew, engine.step + skew + 1):
-                for counter in engine.knocks._wanted_counters(user, step):
-                    assert not user.enabled or (user.name, step, counter) in engine.knocks._by_key
-        for port, near in engine.knocks._near.items():
-            for cid, positions in near.items():
-                assert positions and positions < 1 << (engine.s.reorder_window + 2)
-                for pos in range(positions.bit_length()):
-                    if positions >> pos & 1:
-                        assert engine.knocks._candidates[cid].ports[pos] == port
+        check_engine(engine)
         for g in engine.grant_list(clock.wall, clock.mono):
             assert 0 < g["remaining"] <= engine.s.max_connections
             assert g["user"] in engine.users

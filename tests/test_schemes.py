@@ -241,13 +241,11 @@ def test_client_output_opens_the_door_for_every_scheme(
 
 
 def test_livingstone_repeated_port_sequence_opens() -> None:
-    # "001000" -> (1000, 1000): the same port twice is the whole sequence.
-    clock = Clock(1_700_000_010.0)
-    engine, _user = _engine("livingstone", clock)
-    cand = next(iter(engine.knocks._candidates.values()))
-    cand.ports[0] = cand.ports[1] = 1000
-    engine.knocks._near = {}
-    engine.knocks._index(cand)
+    # At step 56689649 this secret's code is "010000" -> (1000, 1000): the same port
+    # twice is the whole sequence.
+    clock = Clock(56689649 * 30 + 10.0)
+    engine, user = _engine("livingstone", clock)
+    assert Livingstone().derive(user.secret, 56689649, 0) == (1000, 1000)
     knock_all(engine, clock, [1000])
     assert syn(engine, clock) is Verdict.DROP
     knock_all(engine, clock, [1000])
