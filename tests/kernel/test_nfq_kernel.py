@@ -26,7 +26,7 @@ import pytest
 
 from nfknock.netlab import PY, SERVER4, Lab
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.serial]
 
 ROOT = Path(__file__).resolve().parents[2]
 MARK = "0x4e4b0001"

@@ -23,7 +23,7 @@ from nfknock.sequence import SequenceParams, format_base32, sequence_at, step_of
 from ..conftest import require_redis
 from .conftest import SECRET, _require_lab
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.serial]
 
 PARAMS = SequenceParams(exclude=frozenset({22}))
 KEY = bytes(range(100, 132))

@@ -489,6 +489,7 @@ def start_spa_flood(lab: Lab, rate: int, seconds: float, sources: str) -> subpro
     return proc
 
 
+@pytest.mark.serial
 def test_a_flood_of_spa_packets_at_the_rate_limit_leaves_the_door_working(
     lab: Lab, tmp_path: Path
 ) -> None:

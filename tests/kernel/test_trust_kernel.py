@@ -54,6 +54,7 @@ def _waiting(lab: Lab) -> int:
     return sum(int(line.split()[2]) for line in text.splitlines() if line.strip())
 
 
+@pytest.mark.serial
 def test_sigterm_under_a_flood_stops_within_a_second_and_saves_cleanly(
     lab: Lab, synflood: Path
 ) -> None:

@@ -23,7 +23,7 @@ from ..conftest import require_redis
 from .conftest import SECRET, _require_lab
 from .test_daemon_kernel import events
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.serial]
 
 PARAMS = SequenceParams(exclude=frozenset({22}))
 SOURCES = [f"198.51.100.{i}" for i in range(11, 31)]
@@ -121,7 +121,12 @@ def test_two_workers_open_for_clients_spread_over_both_queues(
     assert all(w["verdicts"]["accept"] >= 1 for w in st["workers"])
     assert st["verdicts"]["accept"] == sum(w["verdicts"]["accept"] for w in st["workers"])
     assert all(q["queue_dropped"] == 0 for q in st["queue"].values())
-    started = [e for e in lab.log_events() if e.get("event") == "worker_started"]
+    deadline = time.monotonic() + 15  # the supervisor says "started" before its workers log
+    while True:
+        started = [e for e in lab.log_events() if e.get("event") == "worker_started"]
+        if len(started) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert sorted(e["worker"] for e in started) == [0, 1]
     assert health_check(lab).returncode == 0  # keepalived's track_script agrees
 
