@@ -713,6 +713,9 @@ def under_attack(
     out: dict[str, Any] = {}
     for system in systems:
         for label, rate in rates.items():
+            if system == "nfknock_granted":
+                out[f"{system}_{label}"] = granted_under_attack(b, rate, attempts)
+                continue
             if system == "nfknock":
                 b.start_nfknock(1)
                 drv = b.driver(
@@ -759,6 +762,49 @@ def under_attack(
             }
     b.stop_filter()
     return out
+
+
+def granted_under_attack(b: Bench, rate: float, attempts: int) -> dict[str, Any]:
+    """Connections of a client that already holds a grant (a huge connection budget)
+    while the knock range is flooded: the priority queue must keep answering them."""
+    b.start_nfknock(1, open_seconds=3600, max_connections=1_000_000)
+    knock = b.lab.client_cmd(
+        "knock",
+        SERVER4,
+        "--secret-file",
+        str(b.secret_file),
+        env={"XDG_STATE_HOME": str(b.workdir / "granted-state")},
+    )
+    if knock.returncode != 0:
+        raise RuntimeError(f"knock failed: {knock.stderr}")
+    n = attempts * 20
+    flood = subprocess.Popen(
+        b.flood_argv(rate, n * 1.2 + 10, 10**9), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(0.5)
+        res = b.lab.sh(
+            b.lab.client,
+            PY,
+            str(HERE / "connect_latency.py"),
+            SERVER4,
+            "22",
+            "-n",
+            str(n),
+            timeout=n * 1.2 + 60,
+        )
+    finally:
+        flood.send_signal(signal.SIGTERM)
+        flood.wait(10)
+        b.stop_filter()
+    data = json.loads(res.stdout)
+    ok = len(data["us"])
+    return {
+        "rate_pps": round(rate),
+        "attempts": ok + data["failures"],
+        "success_rate": round(ok / max(1, ok + data["failures"]), 4),
+        "connect_us": summary(data["us"]),
+    }
 
 
 # --- 5. memory under a flood of distinct sources ----------------------------------------
