@@ -88,7 +88,9 @@ stray budget and memory.  The grant is still for the completing user's own prefi
 the *real* source (the gate masks it; the engine hands it the unmasked address).
 With no prefix configured (/32 and /128) nothing is masked: :meth:`decide_key` is the
 class's own method; with one, an instance attribute puts :meth:`_decide_masked` in
-front of it (one mask of the key per knock).
+front of it (one mask of the key per knock).  Events about a knock name its real
+source; those about the progress table (``progress_reset``, ``source_evicted``) name
+the prefix's first address.
 
 *Bounds.*  Sources (LRU), memory and progress per source, counter windows and
 stale candidates all have limits from the configuration.  A clock step (or a step
@@ -101,7 +103,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from nfknock.candidates import HOTP_STEP, CandidateTable, Mac, StepIndex
@@ -110,7 +112,7 @@ from nfknock.counters import MAX_COUNTER, CounterWindow
 from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict
 from nfknock.gate import Access, CounterClaim, Gate
 from nfknock.grants import split_key
-from nfknock.prefixes import key_masker
+from nfknock.prefixes import key_masks
 from nfknock.schemes import V1, Scheme, merge_ranges
 from nfknock.sequence import SequenceParams, step_of
 from nfknock.windows import WindowStore
@@ -237,10 +239,6 @@ def _first_free(ports: tuple[int, ...], port: int, prog: Progress) -> int:
 _split = split_key
 
 
-def _unmasked(key: bytes) -> bytes:
-    return key
-
-
 class Engine:
     """See the module docstring.  Not thread-safe: one caller at a time.
 
@@ -349,10 +347,9 @@ class Engine:
         enabled = [u for u in self._ulist if u.enabled]
         v4 = min((u.grant_prefix_v4 for u in enabled), default=32)
         v6 = min((u.grant_prefix_v6 for u in enabled), default=128)
-        mask = key_masker(v4, v6)
-        self._mask_key: Callable[[bytes], bytes] = mask or _unmasked
+        self._key_masks = key_masks(v4, v6)  # key size -> mask (nfknock.prefixes)
         self._real: bytes | None = None  # the unmasked key of the knock at hand
-        if mask is None:
+        if not self._key_masks:
             self.__dict__.pop("decide_key", None)
         else:
             self.__dict__["decide_key"] = self._decide_masked
@@ -646,7 +643,10 @@ class Engine:
         """:meth:`decide_key` with progress keyed by the masked source; the real key is
         kept for the completion (module docstring, *Prefixes*)."""
         self._real = key
-        return Engine.decide_key(self, self._mask_key(key), port, wall, mono)
+        mask = self._key_masks.get(len(key))
+        if mask is not None:
+            key = (int.from_bytes(key, "big") & mask).to_bytes(len(key), "big")
+        return Engine.decide_key(self, key, port, wall, mono)
 
     def _again(
         self, key: bytes, known: int | tuple[int, ...], port: int, wall: float, mono: float

@@ -34,13 +34,16 @@ behind marks as many as ``max_behind``.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from nfknock.events import Event, EventKind, Verdict
-from nfknock.prefixes import mask_key
+from nfknock.prefixes import key_mask
 from nfknock.prefixes import text as prefix_text
+
+_NEVER = -math.inf  # a behind mark's deadline when there is none
 
 # Grants one key may hold at once (several sessions of one client, several users
 # behind one address); the oldest is dropped beyond it.
@@ -70,8 +73,9 @@ class GrantTable:
     max_behind: int = 65536
     _grants: OrderedDict[bytes, list[Grant]] = field(default_factory=OrderedDict)
     _behind: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
-    # address size (4, 16) -> prefix lengths of grants and behind marks, longest first
-    _wide: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # key size (8, 32) -> the prefix lengths of grants and behind marks, longest first,
+    # each with its key mask (source bits kept, destination kept) and mark suffix
+    _wide: dict[int, tuple[tuple[int, int, bytes], ...]] = field(default_factory=dict)
 
     # --- the packet path ---------------------------------------------------------
 
@@ -104,14 +108,21 @@ class GrantTable:
     def _decide_wide(
         self, key: bytes, port: int, mono: float, held: Grant | None
     ) -> tuple[Verdict, Grant | None]:
-        """:meth:`decide` past the exact key: the prefix grants and marks covering it.
-        A grant of prefix p lies under the key masked to p; found under the key
-        masked to ``length`` it covers the source iff p <= length (an exact grant, or
-        a narrower one, that shares the masked key covers other addresses)."""
-        lengths = self._wide.get(len(key) // 2, ())
-        for length in lengths:
-            wkey = mask_key(key, length)
-            for grant in self._grants.get(wkey, ()):
+        """:meth:`decide` past the exact key: the prefix grants and marks covering it,
+        in one pass over the lengths in use.  A grant of prefix p lies under the key
+        masked to p; found under the key masked to ``length`` it covers the source
+        iff p <= length (an exact grant, or a narrower one, that shares the masked
+        key covers other addresses)."""
+        n = len(key)
+        behind = self._behind
+        until = behind.get(key, _NEVER)
+        for length, mask, mark in self._wide.get(n, ()):
+            wkey = (int.from_bytes(key, "big") & mask).to_bytes(n, "big")
+            until = max(until, behind.get(wkey + mark, _NEVER))
+            grants = self._grants.get(wkey)
+            if not grants:
+                continue
+            for grant in grants:
                 if grant.prefix is None or grant.prefix > length:
                     continue
                 if port not in grant.ports or grant.expires <= mono:
@@ -125,10 +136,8 @@ class GrantTable:
                 return Verdict.ACCEPT, grant
         if held is not None:
             return Verdict.HOLD, held
-        for ikey in (key, *(_mark_key(mask_key(key, n), n) for n in lengths)):
-            until = self._behind.get(ikey)
-            if until is not None and until > mono:
-                return Verdict.REJECT, None
+        if until > mono:
+            return Verdict.REJECT, None
         return Verdict.DROP, None
 
     # --- earning, confirming, voiding ------------------------------------------
@@ -206,9 +215,18 @@ class GrantTable:
         self._behind.pop(_mark_key(key, prefix), None)
 
     def _use_length(self, size: int, prefix: int) -> None:
-        lengths = self._wide.get(size, ())
+        lengths = self.prefix_lengths().get(size, ())
         if prefix not in lengths:
-            self._wide[size] = tuple(sorted((*lengths, prefix), reverse=True))
+            self._set_lengths(size, {*lengths, prefix})
+
+    def _set_lengths(self, size: int, lengths: set[int]) -> None:
+        self._wide[2 * size] = tuple(
+            (n, key_mask(size, n), bytes((n,))) for n in sorted(lengths, reverse=True)
+        )
+
+    def prefix_lengths(self) -> dict[int, tuple[int, ...]]:
+        """Address size (4, 16) -> the prefix lengths looked up, longest first."""
+        return {size // 2: tuple(e[0] for e in entries) for size, entries in self._wide.items()}
 
     def _remove(self, key: bytes, grant: Grant) -> None:
         grants = self._grants.get(key)
@@ -254,7 +272,9 @@ class GrantTable:
         for key in self._behind:
             if len(key) % 2:  # a prefix mark: its length is the last byte
                 wide.setdefault(len(key) // 2, set()).add(key[-1])
-        self._wide = {n: tuple(sorted(ls, reverse=True)) for n, ls in wide.items()}
+        self._wide = {}
+        for size, lengths in wide.items():
+            self._set_lengths(size, lengths)
 
     def retain(
         self, allowed: Callable[[str, bytes], tuple[frozenset[int], int, float]], mono: float

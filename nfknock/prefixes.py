@@ -19,8 +19,6 @@ bytes, see :func:`nfknock.grants.split_key`); only the source part is ever maske
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from nfknock.events import addr_text
 
 # Sane bounds per address size (bytes): no prefix wider than this is accepted (a /0
@@ -63,23 +61,20 @@ def text(addr: bytes, prefix: int | None) -> str:
     return addr_text(addr) if prefix is None else f"{addr_text(addr)}/{prefix}"
 
 
-def key_masker(v4: int, v6: int) -> Callable[[bytes], bytes] | None:
-    """The knock engine's key mask: IPv4 keys' sources to ``v4`` bits, IPv6 keys'
-    to ``v6`` (a family at its full length is left alone).  None when neither
+def key_mask(size: int, prefix: int) -> int:
+    """The integer mask of a table key of two ``size``-byte addresses that keeps the
+    source's first ``prefix`` bits and the whole destination (for the packet paths:
+    ``(int.from_bytes(key, "big") & mask).to_bytes(len(key), "big")``)."""
+    bits = 8 * size
+    return ((1 << prefix) - 1) << (2 * bits - prefix) | ((1 << bits) - 1)
+
+
+def key_masks(v4: int, v6: int) -> dict[int, int]:
+    """The knock engine's masks by key size (8, 32): IPv4 sources to ``v4`` bits,
+    IPv6 to ``v6``; a family at its full length has none.  Empty when neither
     masks anything -- the engine then keeps its unmasked packet path."""
-    masks: dict[int, int] = {}
+    masks = {}
     for size, prefix in ((4, v4), (16, v6)):
         if exact(prefix, size) is not None:
-            source = ((1 << prefix) - 1) << (16 * size - prefix)
-            masks[2 * size] = source | ((1 << 8 * size) - 1)  # the destination stays
-    if not masks:
-        return None
-    get, from_bytes = masks.get, int.from_bytes
-
-    def mask(key: bytes) -> bytes:
-        m = get(len(key))
-        if m is None:
-            return key
-        return (from_bytes(key, "big") & m).to_bytes(len(key), "big")
-
-    return mask
+            masks[2 * size] = key_mask(size, prefix)
+    return masks

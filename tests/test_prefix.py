@@ -8,13 +8,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nfknock.config import SpaConfig
 from nfknock.core import GrantRecord
 from nfknock.events import EventKind, Verdict
 from nfknock.gate import ClaimOutcome, Outcome
 from nfknock.grants import Grant, GrantTable
-from nfknock.prefixes import is_masked, key_masker, mask_address, mask_key
+from nfknock.prefixes import is_masked, key_masks, mask_address, mask_key
 from nfknock.prefixes import text as prefix_text
 
 from .helpers import (
@@ -32,9 +34,9 @@ from .helpers import (
     knock_all,
     make,
     seq,
-    settings,
     syn,
 )
+from .helpers import settings as engine_settings
 from .spa_support import packet, spa_user
 
 V4_NEIGHBOUR = ip("198.51.100.11")  # CLIENT is 198.51.100.10: the same /24
@@ -64,14 +66,16 @@ def test_an_address_is_masked_to_its_prefix(addr: str, prefix: int, masked: str)
     ] == ip(masked)
 
 
-def test_the_engine_mask_masks_each_family_and_never_the_destination() -> None:
-    mask = key_masker(24, 64)
-    assert mask is not None
-    assert mask(CLIENT + SERVER) == ip("198.51.100.0") + SERVER
-    assert mask(CLIENT6 + SERVER6) == ip("2001:db8::") + SERVER6
-    only_v6 = key_masker(32, 64)
-    assert only_v6 is not None and only_v6(CLIENT + SERVER) == CLIENT + SERVER
-    assert key_masker(32, 128) is None  # nothing to mask: the engine keeps its plain path
+def test_the_engine_masks_each_family_and_never_the_destination() -> None:
+    masks = key_masks(24, 64)
+
+    def masked(key: bytes) -> bytes:
+        return (int.from_bytes(key, "big") & masks[len(key)]).to_bytes(len(key), "big")
+
+    assert masked(CLIENT + SERVER) == ip("198.51.100.0") + SERVER
+    assert masked(CLIENT6 + SERVER6) == ip("2001:db8::") + SERVER6
+    assert set(key_masks(32, 64)) == {32}  # IPv4 keys left alone
+    assert key_masks(32, 128) == {}  # nothing to mask: the engine keeps its plain path
 
 
 def test_a_prefix_is_shown_with_its_length_and_an_exact_address_without() -> None:
@@ -128,11 +132,63 @@ def test_prefix_lookups_end_when_the_last_prefix_grant_expires() -> None:
     table = GrantTable()
     table.add(mask_key(CLIENT + SERVER, 24), _grant(1, 24))
     table.mark_behind(mask_key(CLIENT6 + SERVER6, 64), 50.0, 64)
-    assert table._wide == {4: (24,), 16: (64,)}
+    assert table.prefix_lengths() == {4: (24,), 16: (64,)}
     table.expire(60.0)
-    assert table._wide == {4: (24,)}
+    assert table.prefix_lengths() == {4: (24,)}
     table.expire(200.0)
-    assert table._wide == {}
+    assert table.prefix_lengths() == {}
+
+
+_last_octet = st.integers(0, 255)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    grants=st.lists(
+        st.tuples(_last_octet, st.sampled_from([None, 24, 25, 28, 30]), st.booleans()),
+        max_size=12,
+    ),
+    marks=st.lists(st.tuples(_last_octet, st.sampled_from([None, 24, 26])), max_size=4),
+    queries=st.lists(_last_octet, max_size=20),
+)
+def test_a_syn_is_decided_by_exactly_the_grants_and_marks_that_cover_its_address(
+    grants: list[tuple[int, int | None, bool]],
+    marks: list[tuple[int, int | None]],
+    queries: list[int],
+) -> None:
+    """Against a model: a grant (or mark) of prefix p covers the addresses whose first p
+    bits are its own; ACCEPT spends a covering confirmed grant, else HOLD for a
+    covering pending one, else REJECT for a covering mark, else DROP."""
+
+    def addr(octet: int) -> bytes:
+        return bytes([198, 51, 100, octet])
+
+    def covers(net: bytes, prefix: int | None, src: bytes) -> bool:
+        return net == (src if prefix is None else mask_address(src, prefix))
+
+    table = GrantTable()
+    live: dict[int, tuple[bytes, int | None, bool]] = {}
+    for gid, (octet, prefix, confirmed) in enumerate(grants, start=1):
+        net = mask_address(addr(octet), prefix)
+        table.add(net + SERVER, _grant(gid, prefix, confirmed))
+        live[gid] = (net, prefix, confirmed)
+    behind = [(mask_address(addr(o), p), p) for o, p in marks]
+    for net, prefix in behind:
+        table.mark_behind(net + SERVER, 50.0, prefix)
+    for octet in queries:
+        src = addr(octet)
+        verdict, grant = table.decide(src + SERVER, 22, 0.0)
+        hits = [(gid, c) for gid, (n, p, c) in live.items() if covers(n, p, src)]
+        if any(c for _, c in hits):
+            assert verdict is Verdict.ACCEPT and grant is not None
+            assert (grant.id, True) in hits
+            del live[grant.id]
+        elif hits:
+            assert verdict is Verdict.HOLD
+        elif any(covers(n, p, src) for n, p in behind):
+            assert verdict is Verdict.REJECT
+        else:
+            assert verdict is Verdict.DROP
 
 
 # --- knocks: grants by the user's prefix ----------------------------------------------------
@@ -236,7 +292,7 @@ def test_the_packet_path_is_unmasked_unless_a_prefix_is_configured() -> None:
 def spa_core(**prefixes: int) -> tuple[InstantCore, Clock]:
     clock = Clock(1_800_000_000.0)
     user = replace(spa_user(), **prefixes)  # type: ignore[arg-type]
-    core = InstantCore(settings(), [], clock.wall, spa_users=[user], spa=SpaConfig())
+    core = InstantCore(engine_settings(), [], clock.wall, spa_users=[user], spa=SpaConfig())
     return core, clock
 
 
