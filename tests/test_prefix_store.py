@@ -196,3 +196,30 @@ def test_a_prefix_grant_made_on_one_gateway_opens_its_prefix_on_the_other(
     until(a, lambda: a.status()["grants"][0]["remaining"] == 1)  # B told A: the grant's key
     assert a.verdict_for(syn(22, bytes([198, 51, 100, 77]))) is Verdict.ACCEPT
     assert a.verdict_for(syn(22, SRC)) is Verdict.DROP  # the budget is spent
+
+
+# --- two worker processes on one embedded file, through the local feed ------------------
+
+
+def test_workers_share_a_prefix_grant_and_restore_it_after_a_clean_stop(tmp_path: Path) -> None:
+    from . import test_feed as feed
+
+    clock = feed.Clock()
+    path = feed.config(tmp_path)
+    path.write_text(path.read_text() + "grant_prefix_v4 = 24\n")  # under [door]
+    w0, w1 = feed.worker(path, 0, clock), feed.worker(path, 1, clock)
+    try:
+        feed.knock(w0, clock)  # from 198.51.100.10, completed on worker 0
+        feed.until(w1, lambda: feed._remaining(w1, "198.51.100.0/24") == 2)
+        assert w1.verdict_for(syn(22, bytes([198, 51, 100, 77]))) is Verdict.ACCEPT
+        feed.until(w0, lambda: feed._remaining(w0, "198.51.100.0/24") == 1)  # the grant's key
+        for svc in (w1, w0):  # the supervisor's order: worker 0 records every grant
+            feed.OPEN.remove(svc)
+            svc.stop()
+        again = [feed.worker(path, i, clock, begin=False) for i in (0, 1)]
+        again[0].store.call(lambda s: s.begin())
+        assert [feed._remaining(svc, "198.51.100.0/24") for svc in again] == [1, 1]
+        assert again[1].verdict_for(syn(22, bytes([198, 51, 100, 88]))) is Verdict.ACCEPT
+    finally:
+        while feed.OPEN:
+            feed.crash(feed.OPEN.pop())
