@@ -20,7 +20,7 @@ from nfknock.store.changes import FeedError, Granted, claim_fields, decode, reco
 from nfknock.store.embedded import EmbeddedStore, _validate
 
 from .test_counters import new_store, redis_url, store_kind  # noqa: F401 - fixtures
-from .test_shared_state import SRC, SRC2, knock, pair, syn, until
+from .test_shared_state import SRC, SRC2, Clock, knock, pair, syn, until
 
 NET = bytes([198, 51, 100, 0])
 DST = bytes([198, 51, 100, 1])
@@ -204,12 +204,12 @@ def test_a_prefix_grant_made_on_one_gateway_opens_its_prefix_on_the_other(
 def test_workers_share_a_prefix_grant_and_restore_it_after_a_clean_stop(tmp_path: Path) -> None:
     from . import test_feed as feed
 
-    clock = feed.Clock()
+    clock = Clock()
     path = feed.config(tmp_path)
     path.write_text(path.read_text() + "grant_prefix_v4 = 24\n")  # under [door]
     w0, w1 = feed.worker(path, 0, clock), feed.worker(path, 1, clock)
     try:
-        feed.knock(w0, clock)  # from 198.51.100.10, completed on worker 0
+        knock(w0, clock)  # from 198.51.100.10, completed on worker 0
         feed.until(w1, lambda: feed._remaining(w1, "198.51.100.0/24") == 2)
         assert w1.verdict_for(syn(22, bytes([198, 51, 100, 77]))) is Verdict.ACCEPT
         feed.until(w0, lambda: feed._remaining(w0, "198.51.100.0/24") == 1)  # the grant's key
