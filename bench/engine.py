@@ -6,6 +6,11 @@ Workloads (each a pre-generated list of SYNs, replayed through ``decide``):
 * ``one-source``: random knocks from a single source (a sweep);
 * ``protected``: SYNs to the protected port from random sources (a scan).
 
+Each also with grant prefixes on (every user ``grant_prefix_v4 = 24``,
+``grant_prefix_v6 = 64``): knock progress keyed by the masked source, and -- for
+``protected`` -- one /24 grant in the table, so that a SYN without a grant looks its
+/24 up too (``*-prefix`` rows, with their ratio to the same workload without).
+
 And the longest pauses around a step change: the engine driven as the daemon
 drives it -- ``tick()`` four times a second, random knocks between ticks -- from
 22 s before a step boundary to 13 s after it (long-lived objects frozen out of the
@@ -34,6 +39,8 @@ from nfknock.config import User
 from nfknock.core import Core
 from nfknock.engine import EngineSettings
 from nfknock.events import DROP_SILENT, Decision
+from nfknock.grants import Grant
+from nfknock.prefixes import mask_key
 from nfknock.sequence import SequenceParams
 
 Syn = tuple[bytes, bytes, int]
@@ -51,10 +58,19 @@ def workload(kind: str, n: int, rng: random.Random) -> list[Syn]:
     raise ValueError(kind)
 
 
-def engine_for(users: int, wall: float) -> Core:
+def engine_for(users: int, wall: float, prefixes: bool = False) -> Core:
     settings = EngineSettings(params=SequenceParams(exclude=frozenset({22})), protect={22: None})
     rng = random.Random(users)
-    return Core(settings, [User(f"u{i}", rng.randbytes(32)) for i in range(users)], wall)
+    v4, v6 = (24, 64) if prefixes else (32, 128)
+    people = [
+        User(f"u{i}", rng.randbytes(32), grant_prefix_v4=v4, grant_prefix_v6=v6)
+        for i in range(users)
+    ]
+    core = Core(settings, people, wall)
+    if prefixes:  # one /24 grant: prefix lookups on the protected path
+        key = mask_key(bytes([203, 0, 113, 7]) + DST, 24)
+        core.grants.add(key, Grant(0, "u0", frozenset({22}), 1, 1e12, True, prefix=24))
+    return core
 
 
 def rate(
@@ -197,6 +213,14 @@ def run(
         for kind in kinds:
             best = max(rate(engine.decide, loads[kind], wall) for _ in range(repeats))
             row[kind] = {"decisions_per_s": round(best), "ratio_to_baseline": round(best / base, 3)}
+        masked = engine_for(users, wall, prefixes=True)
+        for kind in kinds:
+            best = max(rate(masked.decide, loads[kind], wall) for _ in range(repeats))
+            row[f"{kind}-prefix"] = {
+                "decisions_per_s": round(best),
+                "ratio_to_baseline": round(best / base, 3),
+                "ratio_to_no_prefix": round(best / row[kind]["decisions_per_s"], 3),
+            }
         row["tracked_sources_after"] = engine.knocks.tracked_sources()
         row["step_change"] = step_change(users)
         results["users"][str(users)] = row
@@ -220,6 +244,14 @@ def table(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {users} | {kind} | {r['decisions_per_s']:,} | {r['ratio_to_baseline']:.2f} |"
             )
+        for kind in ("random", "one-source", "protected"):
+            r = row.get(f"{kind}-prefix")
+            if r is not None:
+                lines.append(
+                    f"| {users} | {kind}, /24 and /64 grant prefixes | {r['decisions_per_s']:,} "
+                    f"| {r['ratio_to_baseline']:.2f} ({r['ratio_to_no_prefix']:.2f} of "
+                    "the same without) |"
+                )
     lines.append(
         f"\nbare Python call (baseline): {results['baseline_calls_per_s']:,}/s; "
         f"random-flood rate at the most users / at 1 user: {results['flatness_random']}"

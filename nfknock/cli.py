@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nfknock import __version__
-from nfknock.config import ConfigError, load_config
+from nfknock.config import Config, ConfigError, load_config
 from nfknock.schemes import SCHEME_NAMES, Kommen, Livingstone, make_scheme, step_for
 from nfknock.sequence import (
     DEFAULT_STEP,
@@ -171,7 +171,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     where = f" ({cfg.state_path})" if cfg.state.backend == "embedded" else ""
     workers = f"; {cfg.queue.workers} worker processes" if cfg.queue.workers > 1 else ""
     print(f"{cfg.path}: state {store}{where}{workers}")
+    print(f"{cfg.path}: {grant_prefixes_text(cfg)}")
     return EXIT_OK
+
+
+def grant_prefixes_text(cfg: Config) -> str:
+    """What a grant opens: the [door] prefixes, and every user with others."""
+    door = (cfg.door.grant_prefix_v4, cfg.door.grant_prefix_v6)
+    own = [
+        f"{u.name} /{u.grant_prefix_v4} and /{u.grant_prefix_v6}"
+        for u in cfg.all_users
+        if (u.grant_prefix_v4, u.grant_prefix_v6) != door
+    ]
+    text = f"grants open the client's IPv4 /{door[0]} and IPv6 /{door[1]}"
+    if door == (32, 128):
+        text += " (its address only)"
+    return text + (f"; users with their own: {', '.join(own)}" if own else "")
 
 
 COMMANDS = {"sequence": cmd_sequence, "check": cmd_check}

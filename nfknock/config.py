@@ -15,12 +15,15 @@ import re
 import tomllib
 import urllib.parse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from nfknock.counters import MAX_LOOKAHEAD
 from nfknock.paths import PathKind, path_problem
+from nfknock.prefixes import BOUNDS as PREFIX_BOUNDS
+from nfknock.prefixes import WIDE as WIDE_GRANT
+from nfknock.prefixes import exact
 from nfknock.schemes import (
     SCHEME_NAMES,
     V1,
@@ -115,6 +118,10 @@ class KnockConfig:
 class DoorConfig:
     open_seconds: float = 30.0
     max_connections: int = 1
+    # A grant opens the client's address to this many leading bits (nfknock.prefixes);
+    # the default for users whose users-file entry does not say.
+    grant_prefix_v4: int = 32
+    grant_prefix_v6: int = 128
 
 
 @dataclass(frozen=True)
@@ -209,6 +216,13 @@ class User:
     scheme: Scheme | None = None  # None: v1 with the [knock] parameters
     initial_counter: int = 0  # HOTP schemes (kommen): the counter to start from
     spa: SpaKeys | None = None  # fwknop keys (nfknock.spa.keys); None: no SPA
+    grant_prefix_v4: int = 32  # [door] grant_prefix_v4 unless the users file says
+    grant_prefix_v6: int = 128
+
+    def grant_prefix(self, size: int) -> int | None:
+        """The prefix this user's grants open for an address of ``size`` bytes (4 or
+        16); None: the exact address (nfknock.prefixes)."""
+        return exact(self.grant_prefix_v4 if size == 4 else self.grant_prefix_v6, size)
 
 
 @dataclass(frozen=True)
@@ -420,6 +434,37 @@ def _allow_warnings(path: Path, allow: tuple[Allow, ...]) -> list[str]:
         for i, a in enumerate(allow)
         if a.network.prefixlen < WIDE_PREFIX[a.network.version]
     ]
+
+
+PREFIX_KEYS = ("grant_prefix_v4", "grant_prefix_v6")
+
+
+def _grant_prefixes(table: _Table, v4: int, v6: int) -> tuple[int, int]:
+    """``grant_prefix_v4`` / ``grant_prefix_v6`` of ``[door]`` or of a user (defaults
+    ``v4``, ``v6``), within nfknock.prefixes.BOUNDS."""
+    return (
+        table.int_in(PREFIX_KEYS[0], v4, *PREFIX_BOUNDS[4]),
+        table.int_in(PREFIX_KEYS[1], v6, *PREFIX_BOUNDS[16]),
+    )
+
+
+def _prefix_warnings(
+    path: Path, where: str, v4: int, v6: int, inherited: tuple[int, int] = (32, 128)
+) -> list[str]:
+    """A grant prefix wide enough that strangers share the grant (nfknock.prefixes);
+    not for a value ``inherited`` from where it was warned about already."""
+    out = []
+    for name, prefix, size, was in (
+        (PREFIX_KEYS[0], v4, 4, inherited[0]),
+        (PREFIX_KEYS[1], v6, 16, inherited[1]),
+    ):
+        if prefix < WIDE_GRANT[size] and prefix != was:
+            out.append(
+                f"{path}: {where}.{name}: a grant opens a /{prefix} "
+                f"({2 ** (8 * size - prefix):,} addresses): everyone in it may connect "
+                "while the grant lasts; is the client's network really that wide?"
+            )
+    return out
 
 
 def _weak_sequence(key: str, length: int, choices: int, bits: float) -> str | None:
@@ -661,6 +706,8 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
         open_seconds=d.float_in("open_seconds", 30.0, 1.0, 86400.0),
         max_connections=d.int_in("max_connections", 1, 1, 1 << 20),
     )
+    v4, v6 = _grant_prefixes(d, 32, 128)
+    door = replace(door, grant_prefix_v4=v4, grant_prefix_v6=v6)
     d.finish()
 
     protect = _array_of_tables(root, "protect", _protect)
@@ -739,6 +786,7 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
     except SchemeError as exc:
         raise ConfigError(path, "knock", str(exc)) from None
     warnings = _allow_warnings(path, allow)
+    warnings += _prefix_warnings(path, "door", door.grant_prefix_v4, door.grant_prefix_v6)
     usable = params.span - sum(1 for p in params.exclude if knock.port_min <= p <= knock.port_max)
     bits = sum(math.log2(usable - i) for i in range(knock.length))  # distinct ports
     weak = _weak_sequence("knock.length", knock.length, usable, bits)
@@ -873,7 +921,11 @@ def parse_users(
                 )
         initial = u.int_in("counter", 0, 0, 1 << 62) if scheme.name == "kommen" else 0
         enabled = u.take("enabled", bool, True)
+        default = (cfg.door.grant_prefix_v4, cfg.door.grant_prefix_v6)
+        v4, v6 = _grant_prefixes(u, *default)
         u.finish()
+        # (the [door] defaults were warned about already)
+        warnings += _prefix_warnings(path, f"users.{name}", v4, v6, default)
         if scheme.name in WEAK_SCHEMES:
             warnings.append(
                 f"{path}: users.{name}: scheme {scheme.name!r} is weak "
@@ -901,6 +953,8 @@ def parse_users(
                 scheme=None if scheme.name == "v1" else scheme,
                 initial_counter=initial,
                 spa=spa,
+                grant_prefix_v4=v4,
+                grant_prefix_v6=v6,
             )
         )
     return tuple(users), tuple(warnings)

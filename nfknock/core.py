@@ -36,7 +36,9 @@ from nfknock.counters import CounterWindow
 from nfknock.engine import Engine, EngineSettings
 from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict, addr_text
 from nfknock.gate import Access, ClaimOutcome, ClaimRequest, DigestClaim, Gate, GatePolicy
-from nfknock.grants import Grant, GrantTable, split_key
+from nfknock.grants import Grant, GrantTable, retain_prefixes, split_key
+from nfknock.prefixes import mask_key
+from nfknock.prefixes import text as prefix_text
 from nfknock.spa import reasons as R
 from nfknock.spa.replay import ReplayCache
 from nfknock.spa.verify import Verifier
@@ -70,7 +72,9 @@ class Tables:
 
 @dataclass(frozen=True, slots=True)
 class GrantRecord:
-    """A confirmed grant as plain values (wall-clock expiry), for the state store."""
+    """A confirmed grant as plain values (wall-clock expiry), for the state store.
+    ``prefix``: None for the exact address ``src``; else ``src`` is masked to it
+    (nfknock.prefixes)."""
 
     src: bytes
     dst: bytes
@@ -80,6 +84,7 @@ class GrantRecord:
     expires: float
     method: str = "knock"
     ref: str = ""  # its name in shared state, if shared
+    prefix: int | None = None
 
 
 class Core:
@@ -198,7 +203,7 @@ class Core:
             return Decision(Verdict.HOLD)
         if verdict is Verdict.ACCEPT and grant is not None:
             if grant.ref:
-                self.used.append((key, grant.ref))
+                self.used.append((mask_key(key, grant.prefix), grant.ref))
             reason = f"grant used, {grant.remaining} connection(s) left"
             ev = Event(EventKind.PROTECTED_ACCEPT, src, dst, grant.user, port, reason, "granted")
             return Decision(Verdict.ACCEPT, (ev,))
@@ -345,7 +350,14 @@ class Core:
             if user in tables.engine.users:
                 tables.engine.merge_window(user, step, window)
         self._install(tables)
-        return self.grants.retain(self._allowed(old_users), mono)
+        events = self.grants.retain(self._allowed(old_users), mono)
+        return events + retain_prefixes(self.grants, self._prefix_of)
+
+    def _prefix_of(self, name: str, size: int) -> int | None:
+        """The grant prefix the configuration gives ``name`` for addresses of ``size``
+        bytes (None: the exact address; also for a user unknown here)."""
+        user = self._users.get(name)
+        return user.grant_prefix(size) if user is not None else None
 
     def _allowed(self, old_users: Mapping[str, User]) -> Any:
         policy = self.gate.policy
@@ -375,7 +387,8 @@ class Core:
                 src, dst = split_key(key)
                 out.append(
                     {
-                        "source": addr_text(src),
+                        "source": prefix_text(src, g.prefix),
+                        "prefix": 8 * len(src) if g.prefix is None else g.prefix,
                         "destination": addr_text(dst),
                         "user": g.user,
                         "ports": sorted(g.ports),
@@ -398,6 +411,7 @@ class Core:
                 wall + (g.expires - mono),
                 g.method,
                 g.ref,
+                g.prefix,
             )
             for key, g in self.grants.items()
             if g.confirmed and g.expires > mono and g.remaining > 0
@@ -428,13 +442,18 @@ class Core:
         remaining = min(r.remaining, policy.max_connections)
         if not ports or remaining <= 0 or expires <= mono:
             return None
+        allowed = self._prefix_of(r.user, len(r.src))
+        if r.prefix is not None and (allowed is None or r.prefix < allowed):
+            return None  # wider than this configuration lets the user open
         ref = r.ref
         if not ref and self.gate.instance:
             # Restored from a store that keeps no names (the embedded file, shared by
             # worker processes): every worker derives the same one, so a connection
             # spent on one of them is spent on all.
             ref = "r." + hashlib.sha256(repr(r).encode()).hexdigest()[:20]
-        return Grant(self.gate.new_id(), r.user, ports, remaining, expires, True, r.method, ref)
+        return Grant(
+            self.gate.new_id(), r.user, ports, remaining, expires, True, r.method, ref, r.prefix
+        )
 
 
 def _drop(src: bytes, dst: bytes, port: int, reason: str, code: str) -> Decision:

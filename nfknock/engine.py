@@ -22,7 +22,8 @@ the boundary; the step that leaves the window drops its whole index at once (a
 tick() empties it later, for the next step to reuse).
 
 *Sources.*  Progress is tracked per (source address, destination address) -- a
-"source" below -- in two tiers, so that random traffic creates no per-source
+"source" below; with grant prefixes, per (source prefix, destination): see
+*Prefixes* -- in two tiers, so that random traffic creates no per-source
 objects and a flood packet costs one dictionary lookup and one store:
 
 * tier 0 (``_seen``): key -> a source's first knock (its port), or its first
@@ -79,6 +80,18 @@ to the gate, which makes it exactly-once across processes and gateways.  Windows
 back finds the counters it spent; a step whose window was pruned never goes live
 again (``replay_state_gap``).
 
+*Prefixes.*  Before the engine knows whose sequence a knock belongs to it cannot
+use that user's grant prefix (:mod:`nfknock.prefixes`), so it keys progress by the
+widest prefix any enabled user has, per family: a phone whose address rotates
+mid-sequence keeps its progress -- and everyone in that prefix shares its progress,
+stray budget and memory.  The grant is still for the completing user's own prefix of
+the *real* source (the gate masks it; the engine hands it the unmasked address).
+With no prefix configured (/32 and /128) nothing is masked: :meth:`decide_key` is the
+class's own method; with one, an instance attribute puts :meth:`_decide_masked` in
+front of it (one mask of the key per knock).  Events about a knock name its real
+source; those about the progress table (``progress_reset``, ``source_evicted``) name
+the prefix's first address.
+
 *Bounds.*  Sources (LRU), memory and progress per source, counter windows and
 stale candidates all have limits from the configuration.  A clock step (or a step
 change the ticks did not prepare) builds at most :data:`SYNC_BUILD` user-steps on
@@ -99,6 +112,7 @@ from nfknock.counters import MAX_COUNTER, CounterWindow
 from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict
 from nfknock.gate import Access, CounterClaim, Gate
 from nfknock.grants import split_key
+from nfknock.prefixes import key_masks
 from nfknock.schemes import V1, Scheme, merge_ranges
 from nfknock.sequence import SequenceParams, step_of
 from nfknock.windows import WindowStore
@@ -291,6 +305,7 @@ class Engine:
         self._users = {u.name: u for u in users}
         self._ulist = list(self._users.values())
         self._uidx = {u.name: i for i, u in enumerate(self._ulist)}
+        self._set_masking()
         # Which destination ports are knocks: the union of the schemes' ranges,
         # never a protected port.  A byte per port: one index on the packet path.
         ranges = self._v1.knock_ranges()
@@ -325,6 +340,19 @@ class Engine:
         for source in self._sources.values():
             source.progress.clear()  # its slots mean other candidates now
         self._update_gate()
+
+    def _set_masking(self) -> None:
+        """Key knock progress by the widest grant prefix of the enabled users (module
+        docstring, *Prefixes*); with none, leave the packet path unmasked."""
+        enabled = [u for u in self._ulist if u.enabled]
+        v4 = min((u.grant_prefix_v4 for u in enabled), default=32)
+        v6 = min((u.grant_prefix_v6 for u in enabled), default=128)
+        self._key_masks = key_masks(v4, v6)  # key size -> mask (nfknock.prefixes)
+        self._real: bytes | None = None  # the unmasked key of the knock at hand
+        if not self._key_masks:
+            self.__dict__.pop("decide_key", None)
+        else:
+            self.__dict__["decide_key"] = self._decide_masked
 
     def _seed_hotp_counters(self) -> None:
         """HOTP users start at their configured counter (never below one used)."""
@@ -611,6 +639,15 @@ class Engine:
             return DROP_SILENT  # begins nothing: the earlier knocks stay
         return self._again(key, known, port, wall, mono)
 
+    def _decide_masked(self, key: bytes, port: int, wall: float, mono: float) -> Decision:
+        """:meth:`decide_key` with progress keyed by the masked source; the real key is
+        kept for the completion (module docstring, *Prefixes*)."""
+        self._real = key
+        mask = self._key_masks.get(len(key))
+        if mask is not None:
+            key = (int.from_bytes(key, "big") & mask).to_bytes(len(key), "big")
+        return Engine.decide_key(self, key, port, wall, mono)
+
     def _again(
         self, key: bytes, known: int | tuple[int, ...], port: int, wall: float, mono: float
     ) -> Decision:
@@ -842,7 +879,7 @@ class Engine:
     def _progress_event(self, key: bytes, prog: Progress, port: int) -> Event:
         return Event(
             EventKind.KNOCK_PROGRESS,
-            *_split(key),
+            *_split(self._real or key),
             self._ulist[prog.group // self._residues].name,
             port,
             f"{prog.next}/{len(prog.ports)}",
@@ -873,7 +910,9 @@ class Engine:
     ) -> list[Event]:
         """A source completed a candidate: claim its counter here (a replay right
         behind it is stale already) and hand the access to the gate, or -- counter
-        spent -- mark the source behind."""
+        spent -- mark the source behind.  ``key`` may be masked (*Prefixes*): the gate
+        gets the real one."""
+        key = self._real or key
         source.strays = 0
         uidx = prog.group // self._residues
         user = self._ulist[uidx]

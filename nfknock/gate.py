@@ -17,6 +17,10 @@ adapter submits the outbox to the state store off the packet path and feeds each
 
 So a grant is honoured only after the counter (or digest) that earned it is durably
 recorded: durability is data (the grant's ``claim_id``), not call order.
+
+The grant is for the user's prefix of the address to open (``grant_prefix_v4`` /
+``grant_prefix_v6``, :mod:`nfknock.prefixes`): keyed by that address masked to it,
+and so is a behind mark; events name the address itself.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from dataclasses import dataclass
 from nfknock.config import User
 from nfknock.events import Event, EventKind
 from nfknock.grants import Grant, GrantTable, split_key
+from nfknock.prefixes import mask_address, mask_key
+from nfknock.prefixes import text as prefix_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,7 @@ class ClaimRequest:
     expires: float
     method: str
     ref: str = ""  # the grant's name in shared state ("" when nothing is shared)
+    prefix: int | None = None  # the grant's prefix (its key's source is masked to it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +132,9 @@ class Gate:
         self.policy = policy
         self._users = users
         self.outbox: list[ClaimRequest] = []
-        # claim id (= grant id) -> (key, user, seconds) of the grant waiting for it
-        self._pending: dict[int, tuple[bytes, str, float]] = {}
+        # claim id (= grant id) -> (key, user, seconds, address) of the grant waiting
+        # for it; the address is the one that earned it (the key's may be masked)
+        self._pending: dict[int, tuple[bytes, str, float, bytes]] = {}
         self._next_id = 1
         # Set when grants are shared (Redis, worker processes): every grant gets a
         # name unique to this process, ``instance.id``, that the others know it by.
@@ -153,7 +161,8 @@ class Gate:
         if access.seconds is not None:
             seconds = min(access.seconds, self.policy.max_open_seconds)
         claim_id = self.new_id()
-        key = src + dst
+        prefix = user.grant_prefix(len(src)) if user is not None else None
+        key = mask_address(src, prefix) + dst
         grant = Grant(
             claim_id,
             access.user,
@@ -163,9 +172,10 @@ class Gate:
             confirmed=False,
             method=access.method,
             ref=f"{self.instance}.{claim_id}" if self.instance else "",
+            prefix=prefix,
         )
         events = self.grants.add(key, grant)
-        self._pending[claim_id] = (key, access.user, seconds)
+        self._pending[claim_id] = (key, access.user, seconds, src)
         self.outbox.append(
             ClaimRequest(
                 claim_id,
@@ -177,27 +187,33 @@ class Gate:
                 wall + seconds,
                 access.method,
                 grant.ref,
+                prefix,
             )
         )
         return events
 
     def stale(self, key: bytes, user: str, mono: float, reason: str, code: str) -> list[Event]:
-        """A completed sequence whose counter is spent: mark the source behind."""
-        self.grants.mark_behind(key, mono + self.policy.open_seconds)
+        """A completed sequence whose counter is spent: mark the source behind (the
+        user's prefix of it)."""
         src, dst = split_key(key)
+        user_cfg = self._users().get(user)
+        prefix = user_cfg.grant_prefix(len(src)) if user_cfg is not None else None
+        self.grants.mark_behind(mask_key(key, prefix), mono + self.policy.open_seconds, prefix)
         return [Event(EventKind.SEQUENCE_STALE, src, dst, user, None, reason, code)]
 
     def resolve(self, result: ClaimOutcome, mono: float) -> list[Event]:
         pending = self._pending.pop(result.id, None)
         if pending is None:
             return []
-        key, user, seconds = pending
-        src, dst = split_key(key)
+        key, user, seconds, src = pending
+        dst = split_key(key)[1]
         if result.outcome is Outcome.WON:
             grant = self.grants.confirm(key, result.id)
             if grant is None:
                 return []  # revoked or expired meanwhile
-            self.grants.clear_behind(key)
+            self.grants.clear_behind(key, grant.prefix)
+            net = key[: len(src)]
+            wide = "" if grant.prefix is None else f", for {prefix_text(net, grant.prefix)}"
             return [
                 Event(
                     EventKind.GRANT_OPENED,
@@ -206,14 +222,18 @@ class Gate:
                     user,
                     None,
                     f"ports {','.join(map(str, sorted(grant.ports)))} for {seconds:g}s, "
-                    f"{grant.remaining} connection(s)",
+                    f"{grant.remaining} connection(s){wide}",
                     f"granted_{grant.method}",
                 )
             ]
         self.grants.void(key, result.id)
         if result.outcome is Outcome.LOST:
             return self.stale(
-                key, user, mono, f"spent elsewhere first ({result.detail})", "claimed_elsewhere"
+                src + dst,
+                user,
+                mono,
+                f"spent elsewhere first ({result.detail})",
+                "claimed_elsewhere",
             )
         return [
             Event(

@@ -12,6 +12,13 @@ the source is marked behind; the store failed: nothing opens).
 *Behind marks* say that a source completed a stale sequence: its next SYNs to a
 protected port get a TCP reset (REJECT), so an honest client that is behind resyncs.
 
+*Prefix grants* (:mod:`nfknock.prefixes`): a grant whose ``prefix`` is set is keyed
+by its masked source and covers every source of that prefix; a behind mark likewise.
+The table keeps, per address size, the prefix lengths in use (a superset, shrunk at
+:meth:`GrantTable.expire`); a SYN that finds nothing under its own address looks up
+its masked address at each of them, narrowest first.  Without prefix grants the
+lookup is the single exact one it always was.
+
 Decisions on a protected port, in order:
 
     =================================================  =========
@@ -27,11 +34,16 @@ behind marks as many as ``max_behind``.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from nfknock.events import Event, EventKind, Verdict
+from nfknock.prefixes import key_mask
+from nfknock.prefixes import text as prefix_text
+
+_NEVER = -math.inf  # a behind mark's deadline when there is none
 
 # Grants one key may hold at once (several sessions of one client, several users
 # behind one address); the oldest is dropped beyond it.
@@ -50,6 +62,9 @@ class Grant:
     # The grant's name in shared state (another gateway or worker knows it by it);
     # "" when nothing is shared.
     ref: str = ""
+    # None: the exact source address; else the leading bits of it the grant covers
+    # (its key's source is masked to them).
+    prefix: int | None = None
 
 
 @dataclass(slots=True)
@@ -58,6 +73,9 @@ class GrantTable:
     max_behind: int = 65536
     _grants: OrderedDict[bytes, list[Grant]] = field(default_factory=OrderedDict)
     _behind: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
+    # key size (8, 32) -> the prefix lengths of grants and behind marks, longest first,
+    # each with its key mask (source bits kept, destination kept) and mark suffix
+    _wide: dict[int, tuple[tuple[int, int, bytes], ...]] = field(default_factory=dict)
 
     # --- the packet path ---------------------------------------------------------
 
@@ -78,6 +96,8 @@ class GrantTable:
                 if grant.remaining <= 0:
                     self._remove(key, grant)
                 return Verdict.ACCEPT, grant
+        if self._wide:
+            return self._decide_wide(key, port, mono, held)
         if held is not None:
             return Verdict.HOLD, held
         until = self._behind.get(key)
@@ -85,9 +105,47 @@ class GrantTable:
             return Verdict.REJECT, None
         return Verdict.DROP, None
 
+    def _decide_wide(
+        self, key: bytes, port: int, mono: float, held: Grant | None
+    ) -> tuple[Verdict, Grant | None]:
+        """:meth:`decide` past the exact key: the prefix grants and marks covering it,
+        in one pass over the lengths in use.  A grant of prefix p lies under the key
+        masked to p; found under the key masked to ``length`` it covers the source
+        iff p <= length (an exact grant, or a narrower one, that shares the masked
+        key covers other addresses)."""
+        n = len(key)
+        behind = self._behind
+        until = behind.get(key, _NEVER)
+        for length, mask, mark in self._wide.get(n, ()):
+            wkey = (int.from_bytes(key, "big") & mask).to_bytes(n, "big")
+            until = max(until, behind.get(wkey + mark, _NEVER))
+            grants = self._grants.get(wkey)
+            if not grants:
+                continue
+            for grant in grants:
+                if grant.prefix is None or grant.prefix > length:
+                    continue
+                if port not in grant.ports or grant.expires <= mono:
+                    continue
+                if not grant.confirmed:
+                    held = held or grant
+                    continue
+                grant.remaining -= 1
+                if grant.remaining <= 0:
+                    self._remove(wkey, grant)
+                return Verdict.ACCEPT, grant
+        if held is not None:
+            return Verdict.HOLD, held
+        if until > mono:
+            return Verdict.REJECT, None
+        return Verdict.DROP, None
+
     # --- earning, confirming, voiding ------------------------------------------
 
     def add(self, key: bytes, grant: Grant) -> list[Event]:
+        """Add ``grant`` under ``key`` (its source masked to ``grant.prefix``)."""
+        if grant.prefix is not None:
+            self._use_length(len(key) // 2, grant.prefix)
         grants = self._grants.setdefault(key, [])
         grants.append(grant)
         self._grants.move_to_end(key)
@@ -143,14 +201,32 @@ class GrantTable:
             self._remove(key, grant)
         return grant
 
-    def mark_behind(self, key: bytes, until: float) -> None:
+    def mark_behind(self, key: bytes, until: float, prefix: int | None = None) -> None:
+        """Mark ``key`` (its source masked to ``prefix``, if given) behind."""
+        if prefix is not None:
+            self._use_length(len(key) // 2, prefix)
+        key = _mark_key(key, prefix)
         self._behind[key] = until
         self._behind.move_to_end(key)
         while len(self._behind) > self.max_behind:
             self._behind.popitem(last=False)
 
-    def clear_behind(self, key: bytes) -> None:
-        self._behind.pop(key, None)
+    def clear_behind(self, key: bytes, prefix: int | None = None) -> None:
+        self._behind.pop(_mark_key(key, prefix), None)
+
+    def _use_length(self, size: int, prefix: int) -> None:
+        lengths = self.prefix_lengths().get(size, ())
+        if prefix not in lengths:
+            self._set_lengths(size, {*lengths, prefix})
+
+    def _set_lengths(self, size: int, lengths: set[int]) -> None:
+        self._wide[2 * size] = tuple(
+            (n, key_mask(size, n), bytes((n,))) for n in sorted(lengths, reverse=True)
+        )
+
+    def prefix_lengths(self) -> dict[int, tuple[int, ...]]:
+        """Address size (4, 16) -> the prefix lengths looked up, longest first."""
+        return {size // 2: tuple(e[0] for e in entries) for size, entries in self._wide.items()}
 
     def _remove(self, key: bytes, grant: Grant) -> None:
         grants = self._grants.get(key)
@@ -181,7 +257,24 @@ class GrantTable:
                     )
         for key in [k for k, until in self._behind.items() if until <= mono]:
             del self._behind[key]
+        self._shrink_lengths()
         return events
+
+    def _shrink_lengths(self) -> None:
+        """The prefix lengths in use, exactly (they only grow between calls)."""
+        if not self._wide:
+            return
+        wide: dict[int, set[int]] = {}
+        for key, grants in self._grants.items():
+            for grant in grants:
+                if grant.prefix is not None:
+                    wide.setdefault(len(key) // 2, set()).add(grant.prefix)
+        for key in self._behind:
+            if len(key) % 2:  # a prefix mark: its length is the last byte
+                wide.setdefault(len(key) // 2, set()).add(key[-1])
+        self._wide = {}
+        for size, lengths in wide.items():
+            self._set_lengths(size, lengths)
 
     def retain(
         self, allowed: Callable[[str, bytes], tuple[frozenset[int], int, float]], mono: float
@@ -247,6 +340,40 @@ class GrantTable:
 
     def behind_count(self) -> int:
         return len(self._behind)
+
+
+def retain_prefixes(table: GrantTable, allowed: Callable[[str, int], int | None]) -> list[Event]:
+    """After a configuration change: revoke every grant wider than its user may now
+    open (``allowed(user, size)``: the user's prefix for addresses of ``size`` bytes,
+    None for the exact address).  A grant cannot be narrowed -- which address inside
+    its prefix earned it is not kept -- so it goes, with an event."""
+    events: list[Event] = []
+    for key, grant in list(table.items()):
+        if grant.prefix is None:
+            continue
+        src, dst = split_key(key)
+        now = allowed(grant.user, len(src))
+        if now is None or now > grant.prefix:
+            table.void(key, grant.id)
+            events.append(
+                Event(
+                    EventKind.GRANT_REVOKED,
+                    src,
+                    dst,
+                    grant.user,
+                    None,
+                    f"{prefix_text(src, grant.prefix)} is wider than the user's grants "
+                    f"open now (/{8 * len(src) if now is None else now})",
+                    "grant_prefix_narrowed_by_reload",
+                )
+            )
+    return events
+
+
+def _mark_key(key: bytes, prefix: int | None) -> bytes:
+    """A behind mark's key: a prefix mark carries its length as one more byte (an odd
+    length: never an exact key, and never ambiguous with one)."""
+    return key if prefix is None else key + bytes((prefix,))
 
 
 def split_key(key: bytes) -> tuple[bytes, bytes]:

@@ -20,7 +20,10 @@ and a grant made elsewhere is honoured here:
     ==========  ==========================================  ========================
 
 Wire form: a flat map of short ASCII fields (a Redis stream entry, or a JSON object
-in a Unix datagram between workers).  :func:`decode` is strict -- every field's type,
+in a Unix datagram between workers).  A grant is ``r a b u p n e m``, and ``l`` -- its
+prefix length, the source ``a`` masked to it -- only for a prefix grant
+(:mod:`nfknock.prefixes`): an nfknock that predates prefixes refuses such an entry
+rather than take it for a grant of one address.  :func:`decode` is strict -- every field's type,
 range and size -- because a ``Granted`` change opens a door: anything unexpected is
 a :class:`FeedError` and the entry is skipped (fail closed).  Sans-IO.
 """
@@ -37,6 +40,7 @@ from nfknock.config import USER_NAME
 from nfknock.core import GrantRecord
 from nfknock.counters import MAX_COUNTER
 from nfknock.gate import ClaimRequest, CounterClaim
+from nfknock.prefixes import BOUNDS, is_masked
 from nfknock.store import Snapshot
 
 MAX_STEP = 1 << 40
@@ -133,7 +137,7 @@ def grant_fields(request: ClaimRequest) -> dict[str, str]:
     """The grant a claim backs, as feed fields (the Redis claim script writes the
     same names)."""
     half = len(request.key) // 2
-    return {
+    fields = {
         "r": request.ref,
         "a": request.key[:half].hex(),
         "b": request.key[half:].hex(),
@@ -143,6 +147,11 @@ def grant_fields(request: ClaimRequest) -> dict[str, str]:
         "e": repr(float(request.expires)),
         "m": request.method,
     }
+    return _with_prefix(fields, request.prefix)
+
+
+def _with_prefix(fields: dict[str, str], prefix: int | None) -> dict[str, str]:
+    return fields if prefix is None else {**fields, "l": str(prefix)}
 
 
 def claim_fields(request: ClaimRequest, origin: str) -> dict[str, str]:
@@ -157,7 +166,7 @@ def claim_fields(request: ClaimRequest, origin: str) -> dict[str, str]:
 
 
 def record_fields(record: GrantRecord, origin: str) -> dict[str, str]:
-    return {
+    fields = {
         "t": "grant",
         "o": origin,
         "r": record.ref,
@@ -169,6 +178,7 @@ def record_fields(record: GrantRecord, origin: str) -> dict[str, str]:
         "e": repr(float(record.expires)),
         "m": record.method,
     }
+    return _with_prefix(fields, record.prefix)
 
 
 def used_fields(key: bytes, ref: str, origin: str) -> dict[str, str]:
@@ -237,7 +247,13 @@ def _record(f: _Fields, user: str) -> GrantRecord:
     method = f.take("m")
     if method not in ("knock", "spa"):
         raise FeedError(f"method {method[:20]!r}")
-    return GrantRecord(src, dst, user, frozenset(ports), remaining, expires, method, ref)
+    prefix = None
+    if "l" in f.data:  # a prefix grant: strictly shorter than the address, and masked
+        lo, hi = BOUNDS[len(src)]
+        prefix = f.integer("l", lo, hi - 1)
+        if not is_masked(src, prefix):
+            raise FeedError(f"field 'a': bits set past the prefix /{prefix}")
+    return GrantRecord(src, dst, user, frozenset(ports), remaining, expires, method, ref, prefix)
 
 
 class _Fields:

@@ -20,6 +20,11 @@ Guarantees, each tested:
   directory 0700, whatever the umask.
 * Grants are restored only after a clean exit: :meth:`begin` durably marks the
   state unclean before the first verdict.
+* A prefix grant (:mod:`nfknock.prefixes`) keeps its length in the grants table's
+  ``prefix`` column (NULL: the exact address).  The column came after schema 1 was
+  settled and is added to an older file on first open; the schema number stays, as
+  an older nfknock reading the file ignores the column and restores such a grant for
+  the prefix's first address only -- narrower, never wider.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from nfknock.config import USER_NAME
 from nfknock.core import MAX_DIGEST_SECONDS, GrantRecord
 from nfknock.counters import MAX_COUNTER, CounterWindow
 from nfknock.gate import ClaimOutcome, ClaimRequest, CounterClaim, DigestClaim, Outcome
+from nfknock.prefixes import BOUNDS as PREFIX_BOUNDS
+from nfknock.prefixes import is_masked
 from nfknock.store import Snapshot, StateError
 
 SCHEMA = 1
@@ -58,8 +65,9 @@ CREATE TABLE IF NOT EXISTS digests (digest BLOB PRIMARY KEY, until REAL NOT NULL
 CREATE TABLE IF NOT EXISTS grants (
     id INTEGER PRIMARY KEY, src BLOB NOT NULL, dst BLOB NOT NULL, user TEXT NOT NULL,
     ports TEXT NOT NULL, remaining INTEGER NOT NULL, expires REAL NOT NULL,
-    method TEXT NOT NULL);
+    method TEXT NOT NULL, prefix INTEGER);
 """
+GRANT_COLUMNS = "src, dst, user, ports, remaining, expires, method, prefix"
 
 
 def resolve_state_path(path: Path) -> Path:
@@ -149,6 +157,8 @@ class EmbeddedStore:
             db.executescript(_TABLES)
             if db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?), ('clean', 1)", (SCHEMA,))
+            if not _has_prefix_column(db):
+                _add_prefix_column(db)
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{self.path}: {_sqlite_problem(exc)}") from None
         self._db = db
@@ -216,8 +226,7 @@ class EmbeddedStore:
                     request.key[len(request.key) // 2 :],
                 )
                 db.execute(
-                    "INSERT INTO grants (src, dst, user, ports, remaining, expires, method) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO grants ({GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
                     (
                         src,
                         dst,
@@ -226,6 +235,7 @@ class EmbeddedStore:
                         request.remaining,
                         request.expires,
                         request.method,
+                        request.prefix,
                     ),
                 )
         except (sqlite3.Error, StateError) as exc:
@@ -259,8 +269,7 @@ class EmbeddedStore:
             with self._tx() as db:
                 db.execute("DELETE FROM grants")
                 db.executemany(
-                    "INSERT INTO grants (src, dst, user, ports, remaining, expires, method) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO grants ({GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
                     [
                         (
                             g.src,
@@ -270,6 +279,7 @@ class EmbeddedStore:
                             g.remaining,
                             g.expires,
                             g.method,
+                            g.prefix,
                         )
                         for g in grants
                     ],
@@ -373,8 +383,12 @@ def _validate(db: sqlite3.Connection, path: Path, wall: float, fresh: bool) -> S
 
         where = "grants"
         grants = []
-        for src, dst, user, ports, remaining, expires, method in db.execute(
-            "SELECT src, dst, user, ports, remaining, expires, method FROM grants"
+        # A read-only file from before prefix grants has no prefix column: all exact.
+        columns = GRANT_COLUMNS
+        if not _has_prefix_column(db):
+            columns = columns.replace("prefix", "NULL")
+        for src, dst, user, ports, remaining, expires, method, prefix in db.execute(
+            f"SELECT {columns} FROM grants"  # noqa: S608
         ):
             if type(src) is not bytes or type(dst) is not bytes or len(src) != len(dst):
                 raise _Bad(f"addresses {src!r} -> {dst!r}")
@@ -392,6 +406,11 @@ def _validate(db: sqlite3.Connection, path: Path, wall: float, fresh: bool) -> S
                 raise _Bad(f"ports {ports!r}")
             if method not in ("knock", "spa"):
                 raise _Bad(f"method {method!r}")
+            if prefix is not None:  # a prefix grant: shorter than the address, masked
+                lo, hi = PREFIX_BOUNDS[len(src)]
+                _int(prefix, lo, hi - 1, "prefix")
+                if not is_masked(src, prefix):
+                    raise _Bad(f"source {src.hex()} has bits set past its prefix /{prefix}")
             grants.append(
                 GrantRecord(
                     src,
@@ -401,6 +420,7 @@ def _validate(db: sqlite3.Connection, path: Path, wall: float, fresh: bool) -> S
                     _int(remaining, 0, 1 << 20, "remaining"),
                     _real(expires, 0, wall + MAX_GRANT_SECONDS, "expires"),
                     method,
+                    prefix=prefix,
                 )
             )
     except _Bad as exc:
@@ -416,6 +436,24 @@ def _validate(db: sqlite3.Connection, path: Path, wall: float, fresh: bool) -> S
         clean=clean,
         fresh=fresh,
     )
+
+
+def _has_prefix_column(db: sqlite3.Connection) -> bool:
+    return any(row[1] == "prefix" for row in db.execute("PRAGMA table_info(grants)"))
+
+
+def _add_prefix_column(db: sqlite3.Connection) -> None:
+    """A file from before prefix grants: add the column (once, however many worker
+    processes open the file at the same moment)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if not _has_prefix_column(db):
+            db.execute("ALTER TABLE grants ADD COLUMN prefix INTEGER")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _writable_fs(path: Path) -> bool:

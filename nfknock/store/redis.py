@@ -20,7 +20,8 @@ Keys (``P`` = ``[state] prefix``; one deployment, one prefix):
                           it are pruned at every SPA claim; at [spa] replay_cache
                           live members a new claim is refused
     P:g:<ref>     hash    a grant: addresses, user, ports, connections left ("n"),
-                          expiry; the key expires a minute after the grant
+                          expiry, and the prefix ("l") of a prefix grant; the key
+                          expires a minute after the grant
     P:grants      zset    grant ref -> expiry (for loading)
     P:feed        stream  the change feed (capped at about 100,000 entries)
     P:seq         string  the number of the last feed entry (each entry carries its own)
@@ -121,8 +122,11 @@ else
   if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end
 end
 if tonumber(ARGV[5]) > 0 then
-  -- the grant: pairs 3..10 of the feed entry (items 5..20) are r a b u p n e m
-  redis.call('HSET', KEYS[4], unpack(fields, 5, 20))
+  -- the grant: pairs 3..10 of the feed entry (items 5..20) are r a b u p n e m,
+  -- and pair 11 (items 21, 22) is l for a prefix grant (nfknock.prefixes)
+  local last = 20
+  if fields[21] == 'l' then last = 22 end
+  redis.call('HSET', KEYS[4], unpack(fields, 5, last))
   redis.call('EXPIRE', KEYS[4], ARGV[5])
   redis.call('ZADD', KEYS[5], fields[18], fields[6])
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[3])
@@ -351,6 +355,8 @@ class RedisStore:
         claim = request.claim
         names = ["t", fields["t"], "o", self.origin]
         grant = ["r", "a", "b", "u", "p", "n", "e", "m"] if request.ports else []
+        if grant and "l" in fields:  # a prefix grant (the script looks for it here)
+            grant.append("l")
         pairs = names + [x for k in grant for x in (k, fields[k])]
         if isinstance(claim, CounterClaim):
             pairs += ["s", fields["s"], "c", fields["c"]]
