@@ -9,7 +9,9 @@ flood cannot turn the daemon into a log writer.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 from typing import Any, TextIO
 
 import structlog
@@ -62,9 +64,53 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=_factory(LineLogger(stream)),
         cache_logger_on_first_use=False,
     )
+
+
+class LineLogger:
+    """A structlog logger that writes each line -- message and newline -- in one
+    ``write(2)`` on the stream's file descriptor.
+
+    Why: worker processes share the supervisor's stdout (the journal's stream
+    socket, or a file opened with O_APPEND).  structlog's ``PrintLogger`` calls
+    ``print``, which writes the message and the newline separately; with an
+    unbuffered stdout (``PYTHONUNBUFFERED=1``, common in unit files and containers)
+    those are two system calls, and another process's line can land between them:
+    two JSON objects on one line and an empty one, which fail2ban and jq cannot
+    parse -- the events are lost.  One write per line is atomic for a file opened
+    with O_APPEND and, up to PIPE_BUF bytes, for a pipe.  A stream without a file
+    descriptor (a test's StringIO) gets one ``write`` call and a flush."""
+
+    _lock = threading.Lock()  # the threads of one process: partial writes stay whole
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        try:
+            self._fd: int | None = stream.fileno()
+        except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation
+            self._fd = None
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+
+    def msg(self, message: str) -> None:
+        line = message + "\n"
+        with self._lock:
+            if self._fd is None:
+                self._stream.write(line)
+                self._stream.flush()
+                return
+            self._stream.flush()  # whatever was printed before goes first
+            data = memoryview(line.encode(self._encoding, "backslashreplace"))
+            while data:
+                data = data[os.write(self._fd, data) :]
+
+    log = debug = info = warn = warning = error = err = critical = exception = msg
+    fatal = failure = msg
+
+
+def _factory(logger: LineLogger) -> Any:
+    return lambda *_args: logger
 
 
 class EventLogger:
