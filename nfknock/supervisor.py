@@ -379,11 +379,20 @@ class Supervisor:
 
 def aggregate(statuses: list[dict[str, Any] | None]) -> dict[str, Any]:
     """One status for N workers: what a lone daemon's status holds (counts summed,
-    users' counters and the step the highest any worker has, grants listed once),
-    and ``workers`` (each one's own counts; ``answered`` False when it did not)."""
+    the highest step any worker is on and each user's counter in that step, grants
+    listed once), and ``workers`` (each one's own counts; ``answered`` False when it
+    did not).
+
+    A worker moves to a new time step at its next tick, so for a moment after a
+    boundary the workers disagree; a worker still on the old step reports the old
+    step's counter.  Counters are taken only from the workers on the newest step
+    (each learns the counters spent on the others through the feed:
+    nfknock.store.changes): the old step's counter labelled with the new step would
+    send a client to a counter beyond the lookahead, which no worker accepts."""
     live = [s for s in statuses if s]
+    step = max((s.get("step", 0) for s in live), default=0)
     out: dict[str, Any] = {
-        "step": max((s.get("step", 0) for s in live), default=0),
+        "step": step,
         "users": {},
         "grants": [],
         "tracked_sources": 0,
@@ -398,9 +407,11 @@ def aggregate(statuses: list[dict[str, Any] | None]) -> dict[str, Any]:
     grants: dict[tuple[Any, ...], dict[str, Any]] = {}
     errors = []
     for s in live:
+        current = s.get("step", 0) == step
         for name, u in (s.get("users") or {}).items():
-            known = out["users"].setdefault(name, dict(u))
-            known["counter"] = max(known.get("counter", 0), u.get("counter", 0))
+            known = out["users"].setdefault(name, {**u, "counter": 0})
+            if current:
+                known["counter"] = max(known["counter"], u.get("counter", 0))
         for g in s.get("grants") or []:
             key = (g["source"], g["destination"], g["user"], g["method"], round(g["expires"]))
             have = grants.get(key)

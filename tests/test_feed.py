@@ -265,3 +265,22 @@ def test_the_supervisor_answers_for_all_workers_at_once() -> None:
     }
     failing = aggregate([status(1, 1, "disk full"), status(2, 2)])
     assert failing["state"]["error"] == "worker 0: disk full"
+
+
+def test_a_worker_not_yet_on_the_new_step_does_not_lend_it_the_old_steps_counter() -> None:
+    # Just after a boundary: worker 0 ticked into step N+1 (nothing spent there
+    # yet), worker 1 still reports step N, where counter 7 is next.  "Step N+1,
+    # counter 7" would send a client beyond the lookahead (floor 0 + 2).
+    ahead, behind = status(1, 1), status(2, 2)
+    ahead["step"], ahead["users"]["alice"]["counter"] = 60000001, 0
+    behind["users"]["alice"]["counter"] = 7
+    out = aggregate([behind, ahead])
+    assert (out["step"], out["users"]["alice"]["counter"]) == (60000001, 0)
+    ahead["users"]["alice"]["counter"] = 1  # spent in N+1 by either worker: known to both
+    assert aggregate([ahead, behind])["users"]["alice"]["counter"] == 1
+    assert aggregate([behind, None])["users"]["alice"] == {
+        "enabled": True,
+        "counter": 7,
+        "knock": True,
+        "spa": True,
+    }
