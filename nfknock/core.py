@@ -33,6 +33,7 @@ from typing import Any
 
 from nfknock.config import SpaConfig, User
 from nfknock.counters import CounterWindow
+from nfknock.door import DoorMap
 from nfknock.engine import Engine, EngineSettings
 from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict, addr_text
 from nfknock.gate import Access, ClaimOutcome, ClaimRequest, DigestClaim, Gate, GatePolicy
@@ -53,6 +54,7 @@ def policy_of(settings: EngineSettings) -> GatePolicy:
         open_seconds=settings.open_seconds,
         max_connections=settings.max_connections,
         max_open_seconds=settings.max_open_seconds,
+        doors=DoorMap(settings.forwards),
     )
 
 
@@ -120,6 +122,10 @@ class Core:
             self.replay = wider
         self._protect = t.settings.protect
         self.gate.policy = policy_of(t.settings)
+        self.doors = self.gate.policy.doors
+        # A byte per port, non-zero at forwarded doors; None without any (the knock
+        # path then pays one comparison, see decide_key).
+        self._door_at = self.doors.index if self.doors else None
         self.grants.max_grants = t.settings.max_grants
         self.grants.max_behind = t.settings.max_sources
 
@@ -133,6 +139,8 @@ class Core:
         :meth:`decide_protected`."""
         if port in self._protect:
             return self.decide_protected(key, port, mono, defer)
+        if self._door_at is not None and self._door_at[port]:
+            return self.decide_door(key, port, mono, defer)
         return self.knocks.decide_key(key, port, wall, mono)
 
     def decide(self, src: bytes, dst: bytes, port: int, wall: float, mono: float) -> Decision:
@@ -178,6 +186,7 @@ class Core:
                 ports=result.ports,
                 seconds=float(result.timeout) if result.timeout is not None else None,
                 origin=src,
+                door=bool(result.forward),
             )
             events += self.gate.earn(access, wall, mono)
         return Decision(Verdict.DROP, tuple(events))
@@ -209,6 +218,33 @@ class Core:
             ev = Event(EventKind.PROTECTED_REJECT, src, dst, None, port, reason, "behind")
             return Decision(Verdict.REJECT, (ev,))
         return _drop(src, dst, port, "no grant", "no_grant")
+
+    def decide_door(self, key: bytes, port: int, mono: float, defer: bool = False) -> Decision:
+        """A new SYN to a forwarded door (nfknock.door): ACCEPT with the entry's mark
+        when a confirmed grant of this source covers the door; HOLD / REJECT as for
+        a protected port; otherwise DROP, silently -- door ranges are scanned like
+        the knock range, and a door says nothing to whoever has no grant."""
+        entry = self.doors.entry(port)
+        if entry is None or not self.doors.serves(entry, key[len(key) // 2 :]):
+            return DROP_SILENT
+        verdict, grant = self.grants.decide(key, port, mono)
+        if defer and (verdict is Verdict.DROP or verdict is Verdict.REJECT):
+            return Decision(Verdict.HOLD)
+        if verdict is Verdict.ACCEPT and grant is not None:
+            if grant.ref:
+                self.used.append((key, grant.ref))
+            src, dst = split_key(key)
+            reason = f"door to {entry.target_text()}, {grant.remaining} connection(s) left"
+            ev = Event(EventKind.PROTECTED_ACCEPT, src, dst, grant.user, port, reason, "door")
+            return Decision(Verdict.ACCEPT, (ev,), entry.mark)
+        if verdict is Verdict.HOLD:
+            return Decision(Verdict.HOLD)
+        if verdict is Verdict.REJECT:
+            src, dst = split_key(key)
+            reason = "stale sequence: client is behind"
+            ev = Event(EventKind.PROTECTED_REJECT, src, dst, None, port, reason, "behind")
+            return Decision(Verdict.REJECT, (ev,))
+        return DROP_SILENT
 
     # --- claims -----------------------------------------------------------------------
 
@@ -341,15 +377,19 @@ class Core:
         snapshot are merged, every grant re-checked against the new configuration.
         Knock progress in flight is discarded (clients retry)."""
         old_users = dict(self._users)
+        old_doors = self.doors
         for user, step, window in self.knocks.windows():
             if user in tables.engine.users:
                 tables.engine.merge_window(user, step, window)
         self._install(tables)
-        return self.grants.retain(self._allowed(old_users), mono)
+        return self.grants.retain(self._allowed(old_users, old_doors), mono)
 
-    def _allowed(self, old_users: Mapping[str, User]) -> Any:
+    def _allowed(self, old_users: Mapping[str, User], old_doors: DoorMap) -> Any:
         policy = self.gate.policy
         users = self._users
+        # The doors grants hold now, less those that lead elsewhere after the change.
+        held = {p for _, g in self.grants.items() for p in g.ports if old_doors.entry(p)}
+        held -= policy.doors.moved(old_doors)
 
         def allowed(name: str, dst: bytes) -> tuple[frozenset[int], int, float]:
             user = users.get(name)
@@ -362,7 +402,8 @@ class Core:
             if user is None or rekeyed:
                 return frozenset(), 0, 0.0
             longest = max(policy.open_seconds, policy.max_open_seconds)
-            return policy.ports_for(user, dst), policy.max_connections, longest
+            ports = policy.ports_for(user, dst) | policy.doors.doors_for(user, dst, held)
+            return ports, policy.max_connections, longest
 
         return allowed
 
@@ -424,7 +465,9 @@ class Core:
         policy = self.gate.policy
         expires = mono + min(r.expires - wall, max(policy.open_seconds, policy.max_open_seconds))
         user = self._users.get(r.user)
-        ports = r.ports & policy.ports_for(user, r.dst)
+        ports = r.ports & (
+            policy.ports_for(user, r.dst) | policy.doors.doors_for(user, r.dst, r.ports)
+        )
         remaining = min(r.remaining, policy.max_connections)
         if not ports or remaining <= 0 or expires <= mono:
             return None

@@ -94,7 +94,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from nfknock.candidates import HOTP_STEP, CandidateTable, Mac, StepIndex
-from nfknock.config import Config, User
+from nfknock.config import Config, Forward, User
 from nfknock.counters import MAX_COUNTER, CounterWindow
 from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict
 from nfknock.gate import Access, CounterClaim, Gate
@@ -147,6 +147,7 @@ class EngineSettings:
     stale_counters: int = 8
     lookahead: int = 2  # counters beyond the floor that still open (counters.py)
     max_open_seconds: float = 300.0  # SPA: a client's timeout is honoured up to this
+    forwards: tuple[Forward, ...] = ()  # [[door.forward]] (nfknock.door)
 
     @classmethod
     def from_config(cls, cfg: Config) -> EngineSettings:
@@ -174,6 +175,7 @@ class EngineSettings:
             stale_counters=lim.stale_counters,
             lookahead=k.lookahead,
             max_open_seconds=float(cfg.spa.max_open_seconds),
+            forwards=cfg.door.forward,
         )
 
 
