@@ -132,15 +132,18 @@ class Core:
     # --- the packet path ------------------------------------------------------------
 
     def decide_key(
-        self, key: bytes, port: int, wall: float, mono: float, defer: bool = False
+        self, key: bytes, port: int, wall: float, mono: float, defer: bool = False, isn: int = -1
     ) -> Decision:
         """One new TCP SYN (``key`` = packed source + destination) on a queue that
         carries protected ports (and knocks, with a single queue).  ``defer``: see
-        :meth:`decide_protected`."""
+        :meth:`decide_protected`; ``isn``: the SYN's sequence number when the engine
+        checks ISN knocks (``Engine.isn_mode``), else -1."""
         if port in self._protect:
             return self.decide_protected(key, port, mono, defer)
         if self._door_at is not None and self._door_at[port]:
             return self.decide_door(key, port, mono, defer)
+        if isn >= 0:
+            return self.knocks.decide_isn(key, port, isn, wall, mono)
         return self.knocks.decide_key(key, port, wall, mono)
 
     def decide(self, src: bytes, dst: bytes, port: int, wall: float, mono: float) -> Decision:
@@ -365,7 +368,8 @@ class Core:
             high, pruned = self.knocks.replay_horizon()
             engine.restore_counters(windows, high, pruned)
         protected = frozenset(settings.protect)
-        verifier = Verifier(spa_users, spa, protected) if spa.ports and spa_users else None
+        doors = DoorMap(settings.forwards)
+        verifier = Verifier(spa_users, spa, protected, doors) if spa.ports and spa_users else None
         everyone = {u.name: u for u in (*spa_users, *users)}
         return Tables(settings, engine, verifier, everyone, spa)
 

@@ -79,6 +79,16 @@ to the gate, which makes it exactly-once across processes and gateways.  Windows
 back finds the counters it spent; a step whose window was pruned never goes live
 again (``replay_state_gap``).
 
+*ISN knocks.*  Users with ``isn = true`` have no candidates in the table above: a
+port-only match would let any ISN advance them.  :mod:`nfknock.isnknock` holds
+theirs, by exact (port, ISN) pair, and the service hands every knock's ISN to
+:meth:`Engine.decide_isn` -- only while such a user exists (``isn_mode``), so the
+knock path of everyone else is unchanged.  Their counters, claims and completions
+are the engine's, as for any user.
+
+*Doors.*  A completion of a ``door = "random"`` user earns the door that follows
+the sequence in its bit stream (nfknock.door), not the protected ports.
+
 *Bounds.*  Sources (LRU), memory and progress per source, counter windows and
 stale candidates all have limits from the configuration.  A clock step (or a step
 change the ticks did not prepare) builds at most :data:`SYNC_BUILD` user-steps on
@@ -99,6 +109,7 @@ from nfknock.counters import MAX_COUNTER, CounterWindow
 from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict
 from nfknock.gate import Access, CounterClaim, Gate
 from nfknock.grants import split_key
+from nfknock.isnknock import IsnTracker
 from nfknock.schemes import V1, Scheme, merge_ranges
 from nfknock.sequence import SequenceParams, step_of
 from nfknock.windows import WindowStore
@@ -293,6 +304,19 @@ class Engine:
         self._users = {u.name: u for u in users}
         self._ulist = list(self._users.values())
         self._uidx = {u.name: i for i, u in enumerate(self._ulist)}
+        s = self.s
+        self._isn = (
+            IsnTracker(
+                s.params,
+                timeout=s.sequence_timeout,
+                stray_budget=s.stray_budget,
+                max_sources=s.max_sources,
+                max_progress=s.max_progress_per_source,
+            )
+            if any(u.isn and u.enabled for u in self._ulist)
+            else None
+        )
+        self.isn_mode = self._isn is not None
         # Which destination ports are knocks: the union of the schemes' ranges,
         # never a protected port.  A byte per port: one index on the packet path.
         ranges = self._v1.knock_ranges()
@@ -364,7 +388,11 @@ class Engine:
 
     def _build(self, uidx: int, step: int, mac: Mac | None = None) -> None:
         """Make one user's candidates of one step exactly the wanted ones."""
-        self._table.build(uidx, step, self._wanted_counters(self._ulist[uidx], step), mac)
+        user = self._ulist[uidx]
+        if user.isn and self._isn is not None:  # by (port, ISN) pair: isnknock.py
+            self._isn.sync(uidx, user, step, self._wanted_counters(user, step))
+            return
+        self._table.build(uidx, step, self._wanted_counters(user, step), mac)
 
     def _build_live(self) -> None:
         """Build every live step for every user now (construction, new users): user
@@ -433,6 +461,8 @@ class Engine:
         for step in [t for t in self._cursor if not lo <= t <= hi]:
             del self._cursor[step]
         self._built = {t for t in self._built if lo <= t <= hi}
+        if self._isn is not None:
+            self._isn.keep_steps(lo, hi)
 
     def _live_indexes(self) -> list[StepIndex]:
         """The start indexes of the live steps (cached until indexes or the window
@@ -521,6 +551,8 @@ class Engine:
             self._pruned_at = self._step
             events += self._prune_windows()
         self._expire(mono)
+        if self._isn is not None:
+            self._isn.expire(mono)
         if self._tick_wall is not None and 0 < wall - self._tick_wall < 5:
             self._tick_gap = 0.75 * self._tick_gap + 0.25 * (wall - self._tick_wall)
         self._tick_wall = wall
@@ -612,6 +644,20 @@ class Engine:
         if not self._near_gate[port]:
             return DROP_SILENT  # begins nothing: the earlier knocks stay
         return self._again(key, known, port, wall, mono)
+
+    def decide_isn(self, key: bytes, port: int, isn: int, wall: float, mono: float) -> Decision:
+        """:meth:`decide_key` for a knock whose ISN is known (``isn_mode``): decided
+        for the port-only users as always, then for the ISN users by its exact
+        (port, ISN) pair (isnknock.py)."""
+        decision = self.decide_key(key, port, wall, mono)
+        if self._isn is None or not self._is_knock[port]:
+            return decision
+        done, events = self._isn.knock(key, port, isn, self._live_lo, self._live_hi, mono)
+        for cand in done:
+            events += self._completed(key, cand.uidx, cand.step, cand.counter, wall, mono)
+        if not events:
+            return decision
+        return Decision(Verdict.DROP, decision.events + tuple(events))
 
     def _again(
         self, key: bytes, known: int | tuple[int, ...], port: int, wall: float, mono: float
@@ -877,11 +923,16 @@ class Engine:
         behind it is stale already) and hand the access to the gate, or -- counter
         spent -- mark the source behind."""
         source.strays = 0
-        uidx = prog.group // self._residues
+        return self._completed(
+            key, prog.group // self._residues, prog.step, prog.counter, wall, mono
+        )
+
+    def _completed(
+        self, key: bytes, uidx: int, step: int, counter: int, wall: float, mono: float
+    ) -> list[Event]:
         user = self._ulist[uidx]
         if not user.enabled:
             return []
-        step, counter = prog.step, prog.counter
         window = self._window(user.name, step)
         lookahead = self._lookahead(user)
         if not window.claimable(counter, lookahead):
@@ -908,7 +959,13 @@ class Engine:
             )
         ]
         claim = CounterClaim(user.name, step, counter, lookahead)
-        access = Access(user.name, src, dst, claim, "knock", origin=src)
+        ports, door = None, None
+        if user.door:  # a forwarded door instead of the protected ports (nfknock.door)
+            door = self.gate.policy.doors.knock_door(user, step, counter, self.s.params)
+            ports = frozenset({door[1]}) if door else frozenset()
+        access = Access(
+            user.name, src, dst, claim, "knock", origin=src, ports=ports, door=user.door
+        )
         events += self.gate.earn(access, wall, mono)
         return events
 
@@ -938,7 +995,8 @@ class Engine:
         (live, or staged for the next step); other steps are just counters."""
         uidx = self._uidx[name]
         in_window = step == HOTP_STEP or self._live_lo <= step <= self._live_hi + 1
-        if in_window and self._ulist[uidx].enabled and step in self._table.steps:
+        user = self._ulist[uidx]
+        if in_window and user.enabled and (step in self._table.steps or user.isn):
             self._build(uidx, step)
 
     # --- introspection and persistence ----------------------------------------

@@ -64,14 +64,14 @@ class InstantCore(Core):
     auto_resolve = True
 
     def decide_key(
-        self, key: bytes, port: int, wall: float, mono: float, defer: bool = False
+        self, key: bytes, port: int, wall: float, mono: float, defer: bool = False, isn: int = -1
     ) -> Decision:
-        decision = super().decide_key(key, port, wall, mono, defer)
+        decision = super().decide_key(key, port, wall, mono, defer, isn)
         if self.auto_resolve and self.gate.outbox:
             events = list(decision.events)
             for request in self.take_claims():
                 events += self.resolve(ClaimOutcome(request.id, Outcome.WON), mono)
-            decision = Decision(decision.verdict, tuple(events))
+            decision = Decision(decision.verdict, tuple(events), decision.mark)
         return decision
 
     def counters(self) -> dict[str, dict[int, int]]:

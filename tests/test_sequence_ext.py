@@ -54,7 +54,8 @@ def _reference(
 
     def more() -> None:
         nonlocal bits, index
-        data = block if index == 0 else hmac.digest(secret, block + struct.pack(">I", index), "sha512")
+        extension = block + struct.pack(">I", index)
+        data = block if index == 0 else hmac.digest(secret, extension, "sha512")
         bits += "".join(f"{b:08b}" for b in data)
         index += 1
 
@@ -94,9 +95,10 @@ def test_door_vectors_match(case: dict[str, Any]) -> None:
     block = first_block(secret, step, case["counter"], p.realm)
     assert list(derive(secret, step, case["counter"], p)) == case["ports"]
     for d in case["doors"]:
-        assert door_from_block(secret, block, p, d["door_min"], d["door_max"]) == d["door"]
-        assert door_port(secret, step, case["counter"], p, d["door_min"], d["door_max"]) == d["door"]
-        ports, door = _reference(secret, block, p, d["door_min"], d["door_max"])
+        lo, hi = d["door_min"], d["door_max"]
+        assert door_from_block(secret, block, p, lo, hi) == d["door"]
+        assert door_port(secret, step, case["counter"], p, lo, hi) == d["door"]
+        ports, door = _reference(secret, block, p, lo, hi)
         assert (ports, door) == (case["ports"], d["door"])
 
 
@@ -136,7 +138,6 @@ def test_door_is_the_next_accepted_word_of_the_stream(
 
 def test_isns_do_not_change_the_sequence_or_depend_on_the_door() -> None:
     secret = b"k" * 32
-    p = SequenceParams(length=8)
     block = first_block(secret, 1000, 0)
     assert len(set(isns_from_block(secret, block, 40))) == 40
     assert isns_from_block(secret, block, 40)[:8] == isns_from_block(secret, block, 8)
