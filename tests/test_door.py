@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nfknock.config import DEFAULT_DOOR_MARK, ConfigError, Forward, SpaConfig, load_config
+from nfknock.config import DEFAULT_DOOR_MARK, ConfigError, Forward, SpaConfig, User, load_config
 from nfknock.core import GrantRecord
 from nfknock.door import DoorMap
 from nfknock.events import EventKind, Verdict
@@ -23,6 +23,7 @@ from tests.helpers import (
     CLIENT6,
     SERVER,
     SERVER6,
+    Clock,
     InstantCore,
     alice,
     bob,
@@ -38,8 +39,7 @@ GW = Forward("gw", 40000, 40999, 22, BEHIND, DEFAULT_DOOR_MARK + 1)
 LOCAL = Forward("local", 41000, 41999, 22, None, DEFAULT_DOOR_MARK + 2)
 
 
-def door_settings(*forwards: Forward) -> dict[str, object]:
-    return {"forwards": forwards or (GW, LOCAL)}
+FORWARD_BOTH = (GW, LOCAL)
 
 
 # --- configuration -------------------------------------------------------------------
@@ -123,20 +123,20 @@ def test_door_and_isn_need_a_v1_knock_user(tmp_path: Path) -> None:
 # --- a knock opens the door ----------------------------------------------------------
 
 
-def door_user(**kw: object) -> object:
+def door_user(**kw: object) -> User:
     return alice(door=True, forward=frozenset({"gw"}), **kw)
 
 
-def knock_door(core: InstantCore, clock: object, counter: int = 0) -> int:
+def knock_door(core: InstantCore, clock: Clock, counter: int = 0) -> int:
     user = core.users["alice"]
-    step = step_of(clock.wall, 30)  # type: ignore[attr-defined]
-    ports = seq(core, user, clock.wall, counter)  # type: ignore[attr-defined]
-    knock_all(core, clock, ports)  # type: ignore[arg-type]
+    step = step_of(clock.wall, 30)
+    ports = seq(core, user, clock.wall, counter)
+    knock_all(core, clock, ports)
     return door_port(user.secret, step, counter, core.s.params, GW.door_min, GW.door_max)
 
 
 def test_a_door_users_knock_opens_its_door_once_with_the_targets_mark() -> None:
-    core, clock = make([door_user()], **door_settings())
+    core, clock = make([door_user()], forwards=FORWARD_BOTH)
     door = knock_door(core, clock)
     assert [p for _, g in core.grants.items() for p in g.ports] == [door]
     assert core.decide(CLIENT, SERVER, 22, clock.wall, clock.mono).verdict is Verdict.DROP
@@ -148,7 +148,7 @@ def test_a_door_users_knock_opens_its_door_once_with_the_targets_mark() -> None:
 
 
 def test_another_source_or_another_door_gets_nothing() -> None:
-    core, clock = make([door_user()], **door_settings())
+    core, clock = make([door_user()], forwards=FORWARD_BOTH)
     door = knock_door(core, clock)
     other = 40000 + (door - 40000 + 1) % 1000
     for src, port in ((CLIENT2, door), (CLIENT, other), (CLIENT, 41000 + door % 1000)):
@@ -157,7 +157,7 @@ def test_another_source_or_another_door_gets_nothing() -> None:
 
 
 def test_a_plain_users_knock_opens_no_door_and_a_door_user_no_protected_port() -> None:
-    core, clock = make([door_user(), bob()], **door_settings())
+    core, clock = make([door_user(), bob()], forwards=FORWARD_BOTH)
     ports = seq(core, core.users["bob"], clock.wall)
     knock_all(core, clock, ports, src=CLIENT2)
     assert [sorted(g.ports) for _, g in core.grants.items()] == [[22]]
@@ -166,14 +166,14 @@ def test_a_plain_users_knock_opens_no_door_and_a_door_user_no_protected_port() -
 
 
 def test_a_door_grant_is_held_until_its_claim_is_won_and_stale_knocks_get_a_reset() -> None:
-    core, clock = make([door_user()], **door_settings())
+    core, clock = make([door_user()], forwards=FORWARD_BOTH)
     core.auto_resolve = False
     door = knock_door(core, clock)
     assert core.decide(CLIENT, SERVER, door, clock.wall, clock.mono).verdict is Verdict.HOLD
     assert core.decide_door(CLIENT + SERVER, door, clock.mono, defer=True).verdict is Verdict.HOLD
     core.auto_resolve = True
     core.take_claims()
-    core2, clock2 = make([door_user()], **door_settings())
+    core2, clock2 = make([door_user()], forwards=FORWARD_BOTH)
     knock_door(core2, clock2)
     knock_door(core2, clock2)  # the same counter again: stale, the source is behind
     d = core2.decide(CLIENT, SERVER, 40000, clock2.wall, clock2.mono)
@@ -181,7 +181,7 @@ def test_a_door_grant_is_held_until_its_claim_is_won_and_stale_knocks_get_a_rese
 
 
 def test_a_door_of_an_ipv4_target_is_not_opened_over_ipv6() -> None:
-    core, clock = make([door_user()], **door_settings())
+    core, clock = make([door_user()], forwards=FORWARD_BOTH)
     user = core.users["alice"]
     done = knock_all(core, clock, seq(core, user, clock.wall), src=CLIENT6, dst=SERVER6)
     assert [e.code for d in done for e in d.events if e.kind is EventKind.GRANT_OPENED] == [
@@ -191,7 +191,7 @@ def test_a_door_of_an_ipv4_target_is_not_opened_over_ipv6() -> None:
 
 
 def test_a_reload_that_moves_the_target_revokes_the_door_and_one_that_keeps_it_does_not() -> None:
-    core, clock = make([door_user()], **door_settings())
+    core, clock = make([door_user()], forwards=FORWARD_BOTH)
     door = knock_door(core, clock)
     same = core.build(core.s, [door_user()], [], core.spa, clock.wall, core.snapshot_windows())
     assert core.swap(same, clock.mono) == []
@@ -210,12 +210,12 @@ def test_a_reload_that_moves_the_target_revokes_the_door_and_one_that_keeps_it_d
 
 
 def test_a_restored_door_grant_survives_only_while_the_user_may_use_the_door() -> None:
-    core, clock = make([door_user()], **door_settings())
+    core, clock = make([door_user()], forwards=FORWARD_BOTH)
     record = GrantRecord(CLIENT, SERVER, "alice", frozenset({40007}), 1, clock.wall + 20)
     assert core.restore_grants([record], clock.wall, clock.mono) == 1
     d = core.decide(CLIENT, SERVER, 40007, clock.wall, clock.mono)
     assert (d.verdict, d.mark) == (Verdict.ACCEPT, GW.mark)
-    core2, clock2 = make([alice(forward=frozenset({"local"}))], **door_settings())
+    core2, clock2 = make([alice(forward=frozenset({"local"}))], forwards=FORWARD_BOTH)
     assert core2.restore_grants([record], clock2.wall, clock2.mono) == 0
 
 
