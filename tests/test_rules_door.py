@@ -162,9 +162,9 @@ def test_the_transaction_jumps_from_every_hook_and_removes_what_the_config_drops
             {"PREROUTING": ["-j NFKNOCK-DOOR"], "NFKNOCK-DOOR": ["-j RETURN"]}, "mangle"
         ),
     }
-    txn = xtables.transaction(render_iptables(_config(GATEWAY_CONFIG), 4), installed)
-    assert "*nat\n-D PREROUTING -j NFKNOCK-DNAT\n-F NFKNOCK-DNAT\n-X NFKNOCK-DNAT\nCOMMIT" in txn
-    assert "*mangle\n-D PREROUTING -j NFKNOCK-DOOR\n-F NFKNOCK-DOOR\n-X NFKNOCK-DOOR\nCOMMIT" in txn
+    text = xtables.transaction(render_iptables(_config(GATEWAY_CONFIG), 4), installed)
+    assert "*nat\n-D PREROUTING -j NFKNOCK-DNAT\n-F NFKNOCK-DNAT\n-X NFKNOCK-DNAT\nCOMMIT" in text
+    assert "*mangle\n-D PREROUTING -j NFKNOCK-DOOR\n-F NFKNOCK-DOOR\n-X NFKNOCK-DOOR\nCOMMIT" in text
     removal = xtables.removal(installed)
     assert removal is not None and removal.count("COMMIT") == 3
 
