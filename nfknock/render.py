@@ -23,9 +23,10 @@ Order inside each chain -- the order is the security argument:
    daemon once accepted outlives its grant and daemon restarts.
 3. The static allowlist (``[[allow]]``) is accepted: the admins' break-glass.  It
    names protected ports only.
-3b. Forwarded doors (render_door, rules 4-6 there): the marked SYN translated from
-   a door is accepted; an unprotected target is closed to everything else; other
-   packets to door ports are dropped.  Nothing here is queued.
+3b. Forwarded doors (render_door, rules 4-5 there): the marked SYN translated from
+   a door is accepted; an unprotected target is closed to everything else.
+   Nothing here is queued.  (Right after 4., rule 6 there: anything else to a door
+   port is dropped -- after, so that a door SYN the daemon REJECTs gets its reset.)
 4. Packets carrying nfknock's reject mark get a TCP reset.  The daemon's REJECT is
    ``set_mark`` + ``repeat()``, which re-runs the hook, so this rule must come before
    every queue rule (else a repeated packet would be queued again, forever).
@@ -68,10 +69,12 @@ from nfknock.render_door import (
     DNAT_CHAIN,
     DOOR_CHAIN,
     DOOR_HOOKS,
+    door_drop_rules,
     door_filter_rules,
     door_hooks,
     door_sections,
     nft_door_chains,
+    nft_door_drops,
     nft_door_rules,
 )
 from nfknock.schemes import merge_ranges
@@ -212,6 +215,7 @@ def render_iptables(cfg: Config, family: int) -> str:
                     )
         rules += door_filter_rules(cfg, family, hook)  # forwarded doors (render_door)
         rules.append(f"-p tcp -m mark --mark {mark} -j REJECT --reject-with tcp-reset")
+        rules += door_drop_rules(cfg, hook)
         for t in hook_targets:
             d = f"-d {t.address} " if t.address else ""
             for ports in spa_ports:
@@ -306,7 +310,8 @@ def render_nftables(cfg: Config) -> str:
     for hook in ("INPUT", "FORWARD"):
         hook_targets = [t for t in targets if t.hook == hook]
         doors = nft_door_rules(cfg, hook)
-        if not hook_targets and not doors:
+        drops = nft_door_drops(cfg, hook)
+        if not hook_targets and not doors and not drops:
             continue
         out.append(f"\tchain {hook.lower()} {{")
         out.append(f"\t\ttype filter hook {hook.lower()} priority filter - 10; policy accept;")
@@ -330,6 +335,7 @@ def render_nftables(cfg: Config) -> str:
                     )
         out += doors
         out.append(f"\t\tmeta mark {mark} meta l4proto tcp reject with tcp reset")
+        out += drops
         if cfg.spa.ports:
             spa = pset(cfg.spa.ports)
             for t in hook_targets:

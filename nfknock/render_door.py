@@ -30,7 +30,9 @@ the address alone and uses ``redirect to :PORT``, the incoming interface's
 address).  Only the daemon sets the mark, on one packet: nothing else matches.
 
 filter, in ``NFKNOCK-INPUT`` (a local target) or ``NFKNOCK-FORWARD`` (a target
-behind this gateway), before the reject, SPA and protected-port rules:
+behind this gateway), rules 4 and 5 before the reject, SPA and protected-port
+rules, rule 6 right after the reject rule (a REJECTed door SYN -- the source is
+"behind" -- must reach it):
 
 4. the marked SYN that conntrack translated from one of the entry's doors, to the
    target -> ACCEPT (the only way in through a door);
@@ -110,7 +112,7 @@ def door_hooks(cfg: Config, family: int) -> set[str]:
 
 
 def door_filter_rules(cfg: Config, family: int, hook: str) -> list[str]:
-    """Rules 4-6 of the module docstring for one filter chain (iptables form)."""
+    """Rules 4-5 of the module docstring for one filter chain (iptables form)."""
     out: list[str] = []
     for f in serving(cfg, family):
         if _hook(f) != hook:
@@ -127,9 +129,14 @@ def door_filter_rules(cfg: Config, family: int, hook: str) -> list[str]:
             if f.address:
                 out.append(f"-p tcp {s}--sport {f.port} {established}")
             out.append(f"-p tcp {d}--dport {f.port} -j DROP")
-    if hook == "INPUT":
-        out += [f"-p tcp --dport {f.door_min}:{f.door_max} -j DROP" for f in cfg.door.forward]
     return out
+
+
+def door_drop_rules(cfg: Config, hook: str) -> list[str]:
+    """Rule 6 (iptables form): the door ports themselves, in ``NFKNOCK-INPUT``."""
+    if hook != "INPUT":
+        return []
+    return [f"-p tcp --dport {f.door_min}:{f.door_max} -j DROP" for f in cfg.door.forward]
 
 
 # --- nftables ----------------------------------------------------------------------
@@ -168,7 +175,7 @@ def nft_door_chains(cfg: Config, queue: str) -> list[str]:
 
 
 def nft_door_rules(cfg: Config, hook: str) -> list[str]:
-    """Rules 4-6 for the nftables ``input`` / ``forward`` chain."""
+    """Rules 4-5 for the nftables ``input`` / ``forward`` chain."""
     out: list[str] = []
     for f in cfg.door.forward:
         if _hook(f) != hook:
@@ -184,6 +191,11 @@ def nft_door_rules(cfg: Config, hook: str) -> list[str]:
             if f.address:
                 out.append(f"\t\t{s}tcp sport {f.port} ct state established,related accept")
             out.append(f"\t\t{d}tcp dport {f.port} drop")
-    if hook == "INPUT":
-        out += [f"\t\ttcp dport {f.door_min}-{f.door_max} drop" for f in cfg.door.forward]
     return out
+
+
+def nft_door_drops(cfg: Config, hook: str) -> list[str]:
+    """Rule 6 for the nftables ``input`` chain."""
+    if hook != "INPUT":
+        return []
+    return [f"\t\ttcp dport {f.door_min}-{f.door_max} drop" for f in cfg.door.forward]

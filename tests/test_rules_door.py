@@ -91,9 +91,9 @@ def test_marked_translated_syns_are_accepted_before_anything_queues_or_rejects()
         text,
         "-A NFKNOCK-INPUT -p tcp --dport 22 --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark "
         "0x4e4b0102 -m conntrack --ctstate DNAT --ctorigdstport 41000:41099 -j ACCEPT",
+        "-A NFKNOCK-INPUT -p tcp -m mark --mark 0x4e4b0001 -j REJECT",
         "-A NFKNOCK-INPUT -p tcp --dport 40000:40999 -j DROP",
         "-A NFKNOCK-INPUT -p tcp --dport 41000:41099 -j DROP",
-        "-A NFKNOCK-INPUT -p tcp -m mark --mark 0x4e4b0001 -j REJECT",
         "-A NFKNOCK-INPUT -p tcp -m multiport --dports 22 --tcp-flags",
     )
     assert idx == sorted(idx)
