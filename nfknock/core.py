@@ -123,28 +123,38 @@ class Core:
         self._protect = t.settings.protect
         self.gate.policy = policy_of(t.settings)
         self.doors = self.gate.policy.doors
-        # A byte per port, non-zero at forwarded doors; None without any (the knock
-        # path then pays one comparison, see decide_key).
-        self._door_at = self.doors.index if self.doors else None
+        # Ports that are not knocks: protected ports and forwarded doors -- the
+        # protected ports' own table when there are no doors, so that a knock costs
+        # decide_key exactly one lookup either way.
+        self._guarded: Mapping[int, object] | frozenset[int] = self._protect
+        if self.doors:
+            doors = {p for f in self.doors.forwards for p in f.doors}
+            self._guarded = frozenset(self._protect) | doors
         self.grants.max_grants = t.settings.max_grants
         self.grants.max_behind = t.settings.max_sources
 
     # --- the packet path ------------------------------------------------------------
 
     def decide_key(
-        self, key: bytes, port: int, wall: float, mono: float, defer: bool = False, isn: int = -1
+        self, key: bytes, port: int, wall: float, mono: float, defer: bool = False
     ) -> Decision:
         """One new TCP SYN (``key`` = packed source + destination) on a queue that
-        carries protected ports (and knocks, with a single queue).  ``defer``: see
-        :meth:`decide_protected`; ``isn``: the SYN's sequence number when the engine
-        checks ISN knocks (``Engine.isn_mode``), else -1."""
-        if port in self._protect:
-            return self.decide_protected(key, port, mono, defer)
-        if self._door_at is not None and self._door_at[port]:
+        carries protected ports and forwarded doors (and knocks, with a single
+        queue).  ``defer``: see :meth:`decide_protected`."""
+        if port in self._guarded:
+            if port in self._protect:
+                return self.decide_protected(key, port, mono, defer)
             return self.decide_door(key, port, mono, defer)
-        if isn >= 0:
-            return self.knocks.decide_isn(key, port, isn, wall, mono)
         return self.knocks.decide_key(key, port, wall, mono)
+
+    def decide_isn(
+        self, key: bytes, port: int, isn: int, wall: float, mono: float, defer: bool = False
+    ) -> Decision:
+        """:meth:`decide_key` for a SYN whose sequence number was read: while some
+        user knocks with ISNs (``Engine.isn_mode``), a knock is decided with it."""
+        if port in self._guarded:
+            return self.decide_key(key, port, wall, mono, defer)
+        return self.knocks.decide_isn(key, port, isn, wall, mono)
 
     def decide(self, src: bytes, dst: bytes, port: int, wall: float, mono: float) -> Decision:
         return self.decide_key(src + dst, port, wall, mono)

@@ -254,8 +254,11 @@ class Service:
                 return self._spa(payload, mono), 0
             if port in self.core.spa_ports:
                 return self._spa(payload, mono), 0
-            isn = parse_isn(payload) if self.core.knocks.isn_mode else -1
-            decision = self.core.decide_key(key, port, mono + self.wall_offset, mono, defer, isn)
+            wall = mono + self.wall_offset
+            if self.core.knocks.isn_mode:  # users with isn = true: the ISN counts
+                decision = self.core.decide_isn(key, port, parse_isn(payload), wall, mono, defer)
+            else:
+                decision = self.core.decide_key(key, port, wall, mono, defer)
             if decision.events:
                 self.pending += decision.events
             self.verdicts[decision.verdict] += 1

@@ -39,7 +39,7 @@ def isn_knock(
     """Knock ``ports`` with ``isn_values``; the codes of the events."""
     codes = []
     for port, isn in zip(ports, isn_values, strict=True):
-        d = core.decide_key(src + SERVER, port, clock.wall, clock.mono, isn=isn)
+        d = core.decide_isn(src + SERVER, port, isn, clock.wall, clock.mono)
         assert d.verdict is Verdict.DROP
         codes += [e.code for e in d.events]
         clock.advance(0.001)
