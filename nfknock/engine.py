@@ -650,9 +650,13 @@ class Engine:
         for the port-only users as always, then for the ISN users by its exact
         (port, ISN) pair (isnknock.py)."""
         decision = self.decide_key(key, port, wall, mono)
-        if self._isn is None or not self._is_knock[port]:
+        tracker = self._isn
+        # The usual case, two lookups: no candidate has this pair, no ISN progress here.
+        if tracker is None or (
+            port << 32 | isn not in tracker.pairs and key not in tracker.sources
+        ):
             return decision
-        done, events = self._isn.knock(key, port, isn, self._live_lo, self._live_hi, mono)
+        done, events = tracker.knock(key, port, isn, self._live_lo, self._live_hi, mono)
         for cand in done:
             events += self._completed(key, cand.uidx, cand.step, cand.counter, wall, mono)
         if not events:

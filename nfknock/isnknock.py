@@ -112,11 +112,11 @@ class IsnTracker:
         self.stray_budget = stray_budget
         self.max_sources = max_sources
         self.max_progress = max_progress
-        self._pairs: dict[int, list[tuple[int, int]]] = {}
+        self.pairs: dict[int, list[tuple[int, int]]] = {}
         self._cands: dict[int, IsnCandidate] = {}
         self._groups: dict[tuple[int, int], dict[int, int]] = {}  # (uidx, step) -> counter -> id
         self._next_id = 0
-        self._sources: OrderedDict[bytes, _Source] = OrderedDict()
+        self.sources: OrderedDict[bytes, _Source] = OrderedDict()
 
     # --- candidates (the engine decides which) -----------------------------------
 
@@ -151,17 +151,17 @@ class IsnTracker:
         self._next_id += 1
         self._cands[cid] = cand
         for pos, pair in enumerate(cand.pairs):
-            self._pairs.setdefault(pair, []).append((cid, pos))
+            self.pairs.setdefault(pair, []).append((cid, pos))
         return cid
 
     def _remove(self, cid: int) -> None:
         cand = self._cands.pop(cid)
         for pair in cand.pairs:
-            hits = self._pairs.get(pair)
+            hits = self.pairs.get(pair)
             if hits is not None:
                 hits[:] = [h for h in hits if h[0] != cid]
                 if not hits:
-                    del self._pairs[pair]
+                    del self.pairs[pair]
 
     def __len__(self) -> int:
         return len(self._cands)
@@ -173,8 +173,8 @@ class IsnTracker:
     ) -> tuple[list[IsnCandidate], list[Event]]:
         """One knock: the candidates it completes (for the engine to claim) and the
         events.  Only candidates of the live steps ``lo..hi`` count."""
-        hits = self._pairs.get(port << 32 | isn)
-        source = self._sources.get(key)
+        hits = self.pairs.get(port << 32 | isn)
+        source = self.sources.get(key)
         if source is not None and source.ignored_until > mono:
             return [], []
         matched = (
@@ -186,7 +186,7 @@ class IsnTracker:
             return [], []
         if source is None:
             source = self._track(key, mono)
-        self._sources.move_to_end(key)
+        self.sources.move_to_end(key)
         source.last = mono
         done: list[IsnCandidate] = []
         events: list[Event] = []
@@ -217,9 +217,9 @@ class IsnTracker:
         return done, events
 
     def _track(self, key: bytes, mono: float) -> _Source:
-        source = self._sources[key] = _Source(mono)
-        while len(self._sources) > self.max_sources:
-            self._sources.popitem(last=False)
+        source = self.sources[key] = _Source(mono)
+        while len(self.sources) > self.max_sources:
+            self.sources.popitem(last=False)
         return source
 
     def _begin(self, source: _Source, cid: int, mono: float) -> _Progress:
@@ -257,7 +257,7 @@ class IsnTracker:
 
     def expire(self, mono: float) -> None:
         """Forget sources idle for longer than the timeout (LRU order)."""
-        sources = self._sources
+        sources = self.sources
         while sources:
             key = next(iter(sources))
             source = sources[key]
@@ -266,4 +266,4 @@ class IsnTracker:
             del sources[key]
 
     def tracked(self) -> int:
-        return len(self._sources)
+        return len(self.sources)
