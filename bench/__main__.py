@@ -62,7 +62,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "memory": {"sources": 1_000_000},
         "metrics": {"rounds": 3, "seconds": 3.0, "rate": 50_000, "scrape_every": 1.0},
         "shared": {"claims": 2000, "knock_runs": 50, "seconds": 3.0},
-        "door": {"runs": 50, "n": 2000, "seconds": 3.0, "rate": 50_000},
+        "door": {"runs": 50, "n": 2000, "seconds": 3.0, "rate": 50_000, "attempts": 30},
         "isn_engine": {"n": 200_000, "repeats": 3},
     },
     "smoke": {
@@ -80,7 +80,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "memory": {"sources": 20_000},
         "metrics": {"rounds": 1, "seconds": 1.0, "rate": 20_000, "scrape_every": 0.5},
         "shared": {"claims": 50, "knock_runs": 3, "seconds": 1.0},
-        "door": {"runs": 3, "n": 50, "seconds": 1.0, "rate": 20_000},
+        "door": {"runs": 3, "n": 50, "seconds": 1.0, "rate": 20_000, "attempts": 2},
         "isn_engine": {"n": 5_000, "repeats": 1},
     },
 }

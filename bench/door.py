@@ -15,6 +15,9 @@
 * ``isn_flood``: the daemon under a spoofed SYN flood of the knock range with an
   ISN user (every knock's ISN read and looked up) beside the default (no ISN
   user): flat-out SYN/s handled and SYN per CPU-second at a fixed rate.
+* ``isn_under_attack``: legitimate knock-and-connect during a spoofed flood of the
+  knock range at a fraction of the default's flat-out rate: 32 knocks beside 8 ISN
+  knocks (fewer packets to lose in the flood).
 * ``isn_engine``: the sans-IO engine alone, random-flood decisions per second with
   and without an ISN user (no kernel, no root).
 
@@ -25,11 +28,23 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
 import time
 from typing import Any
 
 from bench import engine as engine_bench
-from bench.kernel import FILTER_CPU, HERE, Bench, _timed_runs, paced, saturate, summary
+from bench.kernel import (
+    FILTER_CPU,
+    HERE,
+    Bench,
+    _close,
+    _run_once,
+    _timed_runs,
+    paced,
+    saturate,
+    summary,
+)
 from nfknock.config import User
 from nfknock.core import Core
 from nfknock.engine import EngineSettings
@@ -198,6 +213,48 @@ def isn_flood(b: Bench, seconds: float, rate: float, rounds: int = 2) -> dict[st
     return out
 
 
+def isn_under_attack(
+    b: Bench, top: float, attempts: int, fractions: tuple[float, ...] = (0.5, 1.0, 1.5)
+) -> dict[str, Any]:
+    """Knock-and-connect successes during a spoofed flood at ``fraction x top``
+    SYN/s (``top``: the default's flat-out rate, from isn_flood)."""
+    secret = ("--secret-base32", format_base32(b.secret), "--timeout", "2")
+    phases: list[tuple[str, dict[str, Any], dict[str, Any], tuple[str, ...]]] = [
+        ("knocks_32", {}, {}, ()),
+        (
+            f"isn_knocks_{ISN_LENGTH}",
+            {"isn": True},
+            {"length": ISN_LENGTH},
+            ("--isn", "--length", str(ISN_LENGTH)),
+        ),
+    ]
+    out: dict[str, Any] = {}
+    for fraction in fractions:
+        rate = fraction * top
+        for label, keys, knock, extra in phases:
+            start(b, keys, knock=knock)
+            drv = b.driver("nfknock", *secret, *extra)
+            flood = subprocess.Popen(
+                b.flood_argv(rate, attempts * 2.5 + 10, 10**9), stdout=subprocess.PIPE, text=True
+            )
+            ok = 0
+            try:
+                time.sleep(0.5)
+                for _ in range(attempts):
+                    ok += bool(_run_once(drv)["ok"])
+            finally:
+                _close(drv)
+                flood.send_signal(signal.SIGTERM)
+                flood.wait(10)
+            out[f"{label}_{round(fraction * 100)}pct"] = {
+                "rate_pps": round(rate),
+                "attempts": attempts,
+                "success_rate": round(ok / attempts, 3),
+            }
+    cleanup(b)
+    return out
+
+
 def isn_engine(n: int, repeats: int, users: int = 1) -> dict[str, Any]:
     """Random-flood decisions/s of the engine: ``users`` plain users, then the same
     with one more user knocking with ISNs (every knock then also looked up by pair)."""
@@ -237,7 +294,7 @@ def isn_engine(n: int, repeats: int, users: int = 1) -> dict[str, Any]:
     }
 
 
-def run(b: Bench, runs: int, n: int, seconds: float, rate: float) -> dict[str, Any]:
+def run(b: Bench, runs: int, n: int, seconds: float, rate: float, attempts: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     print("== door: knock to open", flush=True)
     out["door_to_open"] = door_to_open(b, runs)
@@ -251,6 +308,10 @@ def run(b: Bench, runs: int, n: int, seconds: float, rate: float) -> dict[str, A
     print("== ISN knocks: flood", flush=True)
     out["isn_flood"] = isn_flood(b, seconds, rate)
     print(json.dumps(out["isn_flood"]), flush=True)
+    print("== ISN knocks: knock-and-connect under a flood", flush=True)
+    top = out["isn_flood"]["knocks_32"]["handled_pps"]
+    out["isn_under_attack"] = isn_under_attack(b, top, attempts)
+    print(json.dumps(out["isn_under_attack"]), flush=True)
     return out
 
 
@@ -300,6 +361,13 @@ def table(r: dict[str, Any]) -> str:
             lines.append(
                 f"| {label} | {x['handled_pps']:,} ({x['lost']:,}) | "
                 f"{x['at_fixed_rate']['per_cpu_second']:,} |"
+            )
+        lines.append("")
+    if "isn_under_attack" in r:
+        lines += ["| knock-and-connect under a flood | SYN/s | success |", "|---|---:|---:|"]
+        for key, x in r["isn_under_attack"].items():
+            lines.append(
+                f"| {key} | {x['rate_pps']:,} | {x['success_rate']:.0%} of {x['attempts']} |"
             )
         lines.append("")
     if "isn_engine" in r:
