@@ -80,7 +80,15 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "memory": {"sources": 20_000},
         "metrics": {"rounds": 1, "seconds": 1.0, "rate": 20_000, "scrape_every": 0.5},
         "shared": {"claims": 50, "knock_runs": 3, "seconds": 1.0},
-        "door": {"runs": 3, "n": 50, "seconds": 1.0, "rate": 20_000, "attempts": 2},
+        "door": {
+            "runs": 3,
+            "n": 50,
+            "seconds": 1.0,
+            "rate": 20_000,
+            "attempts": 2,
+            "rounds": 1,
+            "fractions": (0.5,),
+        },
         "isn_engine": {"n": 5_000, "repeats": 1},
     },
 }

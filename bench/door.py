@@ -294,23 +294,32 @@ def isn_engine(n: int, repeats: int, users: int = 1) -> dict[str, Any]:
     }
 
 
-def run(b: Bench, runs: int, n: int, seconds: float, rate: float, attempts: int) -> dict[str, Any]:
+def run(
+    b: Bench,
+    runs: int,
+    n: int,
+    seconds: float,
+    rate: float,
+    attempts: int,
+    rounds: int = 2,
+    fractions: tuple[float, ...] = (0.5, 1.0, 1.5),
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     print("== door: knock to open", flush=True)
     out["door_to_open"] = door_to_open(b, runs)
     print(json.dumps(out["door_to_open"]), flush=True)
     print("== door: connect latency", flush=True)
-    out["door_latency"] = door_latency(b, n)
+    out["door_latency"] = door_latency(b, n, rounds + 1)
     print(json.dumps(out["door_latency"]), flush=True)
     print("== ISN knocks: knock to open", flush=True)
     out["isn_to_open"] = isn_to_open(b, runs)
     print(json.dumps(out["isn_to_open"]), flush=True)
     print("== ISN knocks: flood", flush=True)
-    out["isn_flood"] = isn_flood(b, seconds, rate)
+    out["isn_flood"] = isn_flood(b, seconds, rate, rounds)
     print(json.dumps(out["isn_flood"]), flush=True)
     print("== ISN knocks: knock-and-connect under a flood", flush=True)
     top = out["isn_flood"]["knocks_32"]["handled_pps"]
-    out["isn_under_attack"] = isn_under_attack(b, top, attempts)
+    out["isn_under_attack"] = isn_under_attack(b, top, attempts, fractions)
     print(json.dumps(out["isn_under_attack"]), flush=True)
     return out
 
