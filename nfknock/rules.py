@@ -206,13 +206,17 @@ def check(cfg: Config, applied_path: Path = DEFAULT_APPLIED) -> list[Problem]:
         except ConfigError as exc:  # valid for the daemon, not expressible in iptables
             problems.append(Problem("config_unrenderable", fam.tool, str(exc), "fix the config"))
             continue
+        rec = record.families.get(fam.tool) if record else None
+        want = rec.chains if rec else {c: [] for c in OWNED_CHAINS if f":{c} " in rendered}
+        # The nat and mangle tables only when doors are installed or configured: the
+        # daemon runs this every 30 s, and without doors two calls do.
+        names = {"filter", *(TABLE_OF[c] for c in want if c in TABLE_OF)}
+        names |= {name for name, _ in xtables.sections(rendered)}
         try:
-            tables = xtables.read_tables(fam)
+            tables = xtables.read_tables(fam, names)
         except RulesError as exc:
             problems.append(Problem("firewall_unreadable", fam.tool, str(exc), "check iptables"))
             continue
-        rec = record.families.get(fam.tool) if record else None
-        want = rec.chains if rec else {c: [] for c in OWNED_CHAINS if f":{c} " in rendered}
         problems += _check_jumps(fam.tool, tables, want, install)
         problems += _check_chains(fam.tool, tables, want, rec is not None, install)
         if record and rec and rec.rendered != rendered:

@@ -18,7 +18,7 @@ import itertools
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from nfknock.render import HOOK_CHAINS, OWNED_CHAINS, TABLE_OF
@@ -118,9 +118,11 @@ def read_table(family: Family, name: str = "filter") -> Table:
 Tables = Mapping[str, Table]
 
 
-def read_tables(family: Family) -> dict[str, Table]:
-    """Every table nfknock may have chains in (filter, nat, mangle)."""
-    return {name: read_table(family, name) for name in HOOK_CHAINS}
+def read_tables(family: Family, names: Iterable[str] | None = None) -> dict[str, Table]:
+    """The tables nfknock may have chains in (filter, nat, mangle), or those of
+    ``names`` (in that order): one subprocess call each."""
+    wanted = set(HOOK_CHAINS if names is None else names)
+    return {name: read_table(family, name) for name in HOOK_CHAINS if name in wanted}
 
 
 def _as_tables(tables: Table | Tables) -> Tables:

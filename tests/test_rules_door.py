@@ -183,3 +183,27 @@ def test_a_record_with_door_tables_loads_and_one_smuggling_a_rule_elsewhere_does
     ):
         with pytest.raises(ValueError):
             applied._check_rendered(bad)
+
+
+def test_the_periodic_check_reads_nat_and_mangle_only_with_doors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nfknock import rules
+
+    read: list[str] = []
+
+    def fake_read(family: xtables.Family, name: str = "filter") -> Table:
+        read.append(name)
+        return Table({}, name)
+
+    monkeypatch.setattr(xtables, "read_table", fake_read)
+    rules.check(_config(GATEWAY_CONFIG), tmp_path / "none")
+    assert set(read) == {"filter"} and len(read) == 2
+    read.clear()
+    problems = rules.check(_config(), tmp_path / "none")
+    assert sorted(set(read)) == ["filter", "mangle", "nat"]
+    missing = {p.detail.split()[1] for p in problems if p.code == "chain_missing"}
+    assert {"NFKNOCK-DOOR", "NFKNOCK-DNAT"} <= missing
+    jumps = [p.detail for p in problems if p.code == "jump_missing"]
+    assert any("PREROUTING (nat)" in d for d in jumps)
+    assert any("PREROUTING (mangle)" in d for d in jumps)
