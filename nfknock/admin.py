@@ -62,6 +62,12 @@ port = 22
 # [[allow]]                   # break-glass: always allowed, no knock
 # network = "203.0.113.0/24"
 
+# [[door.forward]]            # a random door per opening, forwarded to the service
+# name = "ssh"                # (users: door = "random", forward = ["ssh"]; README
+# doors = "40000-40999"       #  "Forwarded doors and ISN knocks")
+# address = "10.0.0.5"        # absent: this host
+# port = 22
+
 [limits]
 max_sources = 65536     # sources with knock progress tracked at once (LRU)
 

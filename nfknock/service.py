@@ -4,8 +4,9 @@
 state store (through its thread, :mod:`nfknock.store.worker`) and the event log.
 The NFQUEUE adapter (:mod:`nfknock.daemon`):
 
-1. hands each packet to :meth:`Service.decide_packet` and gives the verdict --
-   ``Verdict.HOLD`` means "keep the packet until its grant's claim resolves";
+1. hands each packet to :meth:`Service.decide_marked` and gives the verdict --
+   ``Verdict.HOLD`` means "keep the packet until its grant's claim resolves"; an
+   ACCEPT may come with a mark to set first (a forwarded door, nfknock.door);
 2. calls :meth:`Service.settle` after the verdict: events are logged and new claims
    go to the store thread (logging and disk never delay a verdict);
 3. calls :meth:`Service.on_claims` when the store thread's fd is readable: outcomes
