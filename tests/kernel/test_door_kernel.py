@@ -329,3 +329,15 @@ def test_the_nftables_form_of_the_doors_is_accepted_by_nft_but_for_the_queue(lab
     path.write_text(text + "\n")
     done = lab.sh(lab.server, "nft", "-c", "-f", str(path), check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_local_door_opens_over_ipv6_too(lab: Lab) -> None:
+    lab.start_service()
+    cfg = door_config(lab, {"port": 22})
+    lab.install_rules(cfg)
+    lab.start_daemon(cfg)
+    ports, door = knock_for(now_step())
+    lab.send_knocks(SERVER6, ports)
+    assert lab.probe(SERVER6, 22, timeout=1.0)["result"] == "timeout"
+    assert lab.probe(SERVER6, door)["result"] == "open"
+    assert lab.probe(SERVER6, door, timeout=1.0)["result"] == "timeout"
