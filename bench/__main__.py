@@ -4,6 +4,7 @@
     sudo .venv/bin/python -m bench --smoke    # tiny sizes: proves the harness runs (CI)
     sudo .venv/bin/python -m bench engine     # the sans-IO engine and SPA verifier (no root)
     sudo .venv/bin/python -m bench metrics    # throughput with Prometheus metrics on/off
+    sudo .venv/bin/python -m bench door       # forwarded doors and ISN knocks (issue 14)
     .venv/bin/python -m bench engine-scale     # the engine at 100,000 users (not in "all")
 
 Writes bench/results/bench.json and bench/results/bench.md.  Every figure is
@@ -69,6 +70,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "memory": {"sources": 1_000_000},
         "metrics": {"rounds": 3, "seconds": 3.0, "rate": 50_000, "scrape_every": 1.0},
         "shared": {"claims": 2000, "knock_runs": 50, "seconds": 3.0},
+        "door": {"runs": 50, "n": 2000, "seconds": 3.0, "rate": 50_000, "attempts": 30},
+        "isn_engine": {"n": 200_000, "repeats": 3},
     },
     "smoke": {
         "engine": {"user_counts": (1, 100), "n": 5_000, "repeats": 1},
@@ -85,6 +88,16 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "memory": {"sources": 20_000},
         "metrics": {"rounds": 1, "seconds": 1.0, "rate": 20_000, "scrape_every": 0.5},
         "shared": {"claims": 50, "knock_runs": 3, "seconds": 1.0},
+        "door": {
+            "runs": 3,
+            "n": 50,
+            "seconds": 1.0,
+            "rate": 20_000,
+            "attempts": 2,
+            "rounds": 1,
+            "fractions": (0.5,),
+        },
+        "isn_engine": {"n": 5_000, "repeats": 1},
     },
 }
 
@@ -231,6 +244,10 @@ def markdown(res: dict[str, Any]) -> str:
         from bench import shared
 
         lines.append(shared.table(res["shared"]))
+    if "door" in res or "isn_engine" in res:
+        from bench import door
+
+        lines += ["", door.table({**res.get("door", {}), **res.get("isn_engine", {})})]
     return "\n".join(lines) + "\n"
 
 
@@ -257,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "what",
         nargs="?",
         default="all",
-        choices=["all", "engine", "engine-scale", "kernel", "metrics", "shared"],
+        choices=["all", "engine", "engine-scale", "kernel", "metrics", "shared", "door"],
     )
     ap.add_argument("--users", type=int, default=100_000, help="engine-scale: how many users")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs")
@@ -277,7 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         print(engine.table(res["engine"]), flush=True)
         res["spa_verify"] = spa_verify.run(**sizes["spa_verify"])
         print(spa_verify.table(res["spa_verify"]), flush=True)
-    if args.what in ("all", "kernel", "metrics", "shared"):
+    if args.what in ("all", "engine", "door"):
+        from bench import door
+
+        res["isn_engine"] = {"isn_engine": door.isn_engine(**sizes["isn_engine"])}
+        print(door.table(res["isn_engine"]), flush=True)
+    if args.what in ("all", "kernel", "metrics", "shared", "door"):
         from bench import kernel, metrics_overhead
         from nfknock.netlab import can_run
 
@@ -294,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
                     return _write(args.out, res)
                 if args.what == "shared":
                     res["shared"] = run_shared(b, sizes["shared"])
+                    raise _Done
+                if args.what == "door":
+                    from bench import door
+
+                    res["door"] = door.run(b, **sizes["door"])
                     raise _Done
                 print("== throughput", flush=True)
                 res["throughput"] = kernel.throughput(b, **sizes["throughput"])
@@ -316,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("== metrics on and off", flush=True)
                 res["metrics_overhead"] = metrics_overhead.run(b, **sizes["metrics"])
                 res["shared"] = run_shared(b, sizes["shared"])
+                from bench import door
+
+                res["door"] = door.run(b, **sizes["door"])
             except _Done:
                 pass
             finally:
@@ -326,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
 def _write(out: Path, res: dict[str, Any]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     name = "bench" if "engine" in res or "throughput" in res else "metrics"
+    if "door" in res and "throughput" not in res:
+        name = "door"
     (out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     text = markdown(res)
     (out / f"{name}.md").write_text(text)

@@ -7,6 +7,9 @@ connection to the protected port.  Systems:
 
 * ``nfknock``: the client library in-process (knocks via connect(), then connect;
   a reset means "behind": advance the counter and knock again, as nfknock-client);
+  ``--doors LO-HI``: connect to the forwarded door the sequence opens, not the
+  protected port; ``--isn``: raw knocks carrying their ISNs (root), ``--length``
+  knocks;
 * ``knockd``: knockd's own ``knock`` client with the same 32 ports, then connect;
 * ``fwknop``: ``fwknop`` (SPA, HMAC), then connect -- against fwknopd or nfknock;
 * ``nfknock-spa``: nfknock-client's SPA packet built and sent in-process (the
@@ -30,10 +33,10 @@ import subprocess
 import sys
 import time
 
-from nfknock.schemes import make_scheme, step_for
-from nfknock.sequence import parse_base32
+from nfknock.schemes import V1, make_scheme, step_for
+from nfknock.sequence import door_port, isns, parse_base32
 from nfknock.spa.encode import ClientKeys, encode_access
-from nfknock_client.knock import send_connect_knocks
+from nfknock_client.knock import send_connect_knocks, send_raw_knocks
 from nfknock_client.spa import send_udp
 
 ATTEMPT_EVERY = 0.002
@@ -78,10 +81,15 @@ def main() -> int:
     ap.add_argument("--spa-port", type=int, default=62201)
     ap.add_argument("--timeout", type=float, default=3.0)
     ap.add_argument("--pace-ms", type=float, default=0.2, help="nfknock-client's default")
+    ap.add_argument("--doors", default="", help="nfknock: the forwarded door range LO-HI")
+    ap.add_argument("--isn", action="store_true", help="nfknock: raw knocks with their ISNs")
+    ap.add_argument("--length", type=int, default=32, help="nfknock: knocks per sequence")
     args = ap.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    scheme = make_scheme("v1", exclude=frozenset({args.port}))
+    scheme = make_scheme("v1", exclude=frozenset({args.port}), length=args.length)
+    assert isinstance(scheme, V1)
+    doors = tuple(map(int, args.doors.split("-"))) if args.doors else None
     secret = parse_base32(args.secret_base32) if args.secret_base32 else b""
     spa_keys = ClientKeys(
         base64.b64decode(args.spa_key_base64), base64.b64decode(args.spa_hmac_key_base64)
@@ -100,9 +108,17 @@ def main() -> int:
                 step = step_for(scheme, time.time())
                 counter = counters.get(step, 0)
                 ports = scheme.derive(secret, step, counter)
-                send_connect_knocks(socket.AF_INET, args.address, ports, args.pace_ms / 1000)
+                pace = args.pace_ms / 1000
+                if args.isn:
+                    values = isns(secret, step, counter, scheme.params)
+                    send_raw_knocks(socket.AF_INET, args.address, ports, pace, values)
+                else:
+                    send_connect_knocks(socket.AF_INET, args.address, ports, pace)
                 counters[step] = counter + 1
-                result = connect_until(args.address, args.port, deadline)
+                port = args.port
+                if doors is not None:
+                    port = door_port(secret, step, counter, scheme.params, doors[0], doors[1])
+                result = connect_until(args.address, port, deadline)
                 if result != "reset":
                     break
         elif args.system == "nfknock-spa":

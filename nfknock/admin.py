@@ -62,6 +62,12 @@ port = 22
 # [[allow]]                   # break-glass: always allowed, no knock
 # network = "203.0.113.0/24"
 
+# [[door.forward]]            # a random door per opening, forwarded to the service
+# name = "ssh"                # (users: door = "random", forward = ["ssh"]; README
+# doors = "40000-40999"       #  "Forwarded doors and ISN knocks")
+# address = "10.0.0.5"        # absent: this host
+# port = 22
+
 [limits]
 max_sources = 65536     # sources with knock progress tracked at once (LRU)
 
@@ -145,6 +151,19 @@ def register(sub: Any) -> None:
         "kommen are weak, for existing clients only",
     )
     p.add_argument("--spa", action="store_true", help="fwknop SPA keys instead of a knock secret")
+    p.add_argument(
+        "--door",
+        metavar="FORWARD",
+        default=None,
+        help="a new knock user's knock opens a random door of this [[door.forward]] entry "
+        '(door = "random", forward = [FORWARD]) instead of the protected ports (default: none)',
+    )
+    p.add_argument(
+        "--isn",
+        action="store_true",
+        help="a new knock user's knocks carry their ISN (isn = true; the client sends raw "
+        "SYNs, as root; default: off)",
+    )
 
     p = add("rules", cmd_rules, "render, install or remove the static firewall rules")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
@@ -391,6 +410,11 @@ def profile_text(
         lines.append(f"step_seconds = {k.step_seconds}")
     elif scheme == "kommen":
         lines.append(f"counter = {entry.get('counter', 0)}")
+    usable = [f for f in cfg.door.forward if f.name in entry.get("forward", [f.name])]
+    if entry.get("door") == "random" and len(usable) == 1:
+        lines.append(f'doors = "{usable[0].door_min}-{usable[0].door_max}"')
+    if entry.get("isn") is True:
+        lines.append("isn = true")
     return "\n".join(lines)
 
 
@@ -439,6 +463,14 @@ def cmd_user(args: argparse.Namespace) -> int:
                 entry["ports"] = sorted(parse_port_list(args.ports))
             except SchemeError as exc:
                 return _fail(str(exc))
+        if (args.door or args.isn) and (args.spa or scheme != "v1"):
+            return _fail("--door and --isn are for v1 knock users (not --spa, not other schemes)")
+        if args.door:
+            if args.door not in {f.name for f in cfg.door.forward}:
+                return _fail(f"--door {args.door!r}: no [[door.forward]] entry of that name")
+            entry.update(door="random", forward=[args.door])
+        if args.isn:
+            entry["isn"] = True
         users[name] = entry
     elif name not in users:
         return _fail(f"no user {name!r} in {cfg.users_file}")
@@ -477,9 +509,15 @@ def cmd_user(args: argparse.Namespace) -> int:
         print("# or on the command line (secret and keys in files only you can read):")
         if knock:
             realm = f" --realm {shlex.quote(cfg.knock.realm)}" if cfg.knock.realm else ""
+            extra = ""
+            for line in profile_text(cfg, name, users[name], "", "", 0).splitlines():
+                if line.startswith("doors = "):
+                    extra += f" --doors {line.split(chr(34))[1]}"
+                elif line == "isn = true":
+                    extra += " --isn"
             print(
                 f"#   nfknock-client knock {args.host} --secret-file ~/.nfknock-{name} "
-                f"--port {allowed[0]}{printable(realm)}"
+                f"--port {allowed[0]}{printable(realm)}{extra}"
             )
         if spa:
             spa_port = spa_admin.spa_port_of(cfg.spa.ports)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nfknock.fileio import atomic_write
-from nfknock.render import OWNED_CHAINS
+from nfknock.render import HOOK_CHAINS, OWNED_CHAINS, TABLE_OF
 
 DEFAULT_APPLIED = Path("/var/lib/nfknock/rules.applied")
 VERSION = 1
@@ -143,12 +143,33 @@ def _parse(data: Any) -> Applied:
 
 
 def _check_rendered(text: str) -> None:
-    """Only what the renderer writes: the filter table, nfknock's chains, one COMMIT."""
+    """Only what the renderer writes: the filter table (and, with forwarded doors,
+    the nat and mangle tables), each once and closed by its COMMIT, nfknock's
+    chains -- each in its own table -- and nothing else."""
     lines = text.splitlines()
-    ours = tuple(f"{op}{c} " for c in OWNED_CHAINS for op in (":", "-A "))
-    if "*filter" not in lines or lines.count("COMMIT") != 1 or lines[-1] != "COMMIT":
-        raise ValueError("rendered text is not one *filter ... COMMIT transaction")
+    table = ""
     for line in lines:
-        if line in ("*filter", "COMMIT") or line.startswith("#") or line.startswith(ours):
+        if line.startswith("*") and not table:
+            table = line[1:]
             continue
-        raise ValueError(f"rendered text touches more than nfknock's chains: {line[:80]!r}")
+        if line == "COMMIT" and table:
+            table = ""
+            continue
+        if line.startswith("#"):
+            continue
+        words = line[1:].split() if line.startswith(":") else line[3:].split(" ", 1)
+        chain = words[0] if words else ""
+        if not (line.startswith((":", "-A ")) and TABLE_OF.get(chain) == table) or (
+            line.startswith("-A ") and not line.startswith(f"-A {chain} ")
+        ):
+            raise ValueError(f"rendered text touches more than nfknock's chains: {line[:80]!r}")
+    heads = [ln for ln in lines if ln.startswith("*")]
+    if (
+        not heads
+        or heads[0] != "*filter"
+        or len(set(heads)) != len(heads)
+        or not set(heads) <= {f"*{t}" for t in HOOK_CHAINS}
+        or lines.count("COMMIT") != len(heads)
+        or lines[-1] != "COMMIT"
+    ):
+        raise ValueError("rendered text is not a *filter [*nat] [*mangle] ... COMMIT transaction")

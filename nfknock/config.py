@@ -15,7 +15,7 @@ import re
 import tomllib
 import urllib.parse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,6 +50,10 @@ USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # fullmatch: "$" al
 # Schemes that may be the default for every user; weak ones are opt-in per user.
 DEFAULT_SCHEMES = ("v1", "totp-knockd-rs")
 DEFAULT_REJECT_MARK = 0x4E4B0001
+# [door] mark: forward entry i marks its granted SYNs with mark + 1 + i.
+DEFAULT_DOOR_MARK = 0x4E4B0100
+MAX_FORWARDS = 255
+FORWARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 # Below these a sequence can be guessed by sweeping the knock range (check warns).
 MIN_KNOCKS = 8
 MIN_STRENGTH_BITS = 64
@@ -115,6 +119,30 @@ class KnockConfig:
 
 
 @dataclass(frozen=True)
+class Forward:
+    """One ``[[door.forward]]`` entry: SYNs to a door in ``door_min``..``door_max``
+    (on this host) are, once granted, marked ``mark`` and translated to ``address``
+    (None: this host) port ``port``.  nfknock.door has the theory of operation."""
+
+    name: str
+    door_min: int
+    door_max: int
+    port: int
+    address: IPAddress | None = None
+    mark: int = DEFAULT_DOOR_MARK + 1
+
+    @property
+    def doors(self) -> range:
+        return range(self.door_min, self.door_max + 1)
+
+    def target_text(self) -> str:
+        if self.address is None:
+            return f"this host port {self.port}"
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class DoorConfig:
     open_seconds: float = 30.0
     max_connections: int = 1
@@ -122,6 +150,8 @@ class DoorConfig:
     # the default for users whose users-file entry does not say.
     grant_prefix_v4: int = 32
     grant_prefix_v6: int = 128
+    mark: int = DEFAULT_DOOR_MARK
+    forward: tuple[Forward, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -223,6 +253,11 @@ class User:
         """The prefix this user's grants open for an address of ``size`` bytes (4 or
         16); None: the exact address (nfknock.prefixes)."""
         return exact(self.grant_prefix_v4 if size == 4 else self.grant_prefix_v6, size)
+
+    # [[door.forward]] entries (by name) this user may use; None: every entry.
+    forward: frozenset[str] | None = None
+    door: bool = False  # door = "random": a knock opens its forward entry's door
+    isn: bool = False  # isn = true: each knock's TCP ISN must carry its HMAC word
 
 
 @dataclass(frozen=True)
@@ -400,10 +435,12 @@ def _network(table: _Table, name: str) -> IPNetwork:
 def _array_of_tables(root: _Table, name: str, build: Callable[[_Table], T]) -> tuple[T, ...]:
     raw = root.data.pop(name, [])
     if not isinstance(raw, list):
-        raise root.error(name, f"must be an array of tables ([[{name}]]), not {_kind(raw)}")
+        raise root.error(
+            name, f"must be an array of tables ([[{root.key(name)}]]), not {_kind(raw)}"
+        )
     items = []
     for i, entry in enumerate(raw):
-        table = _Table(root.file, f"{name}[{i}]", entry)
+        table = _Table(root.file, f"{root.key(name)}[{i}]", entry)
         items.append(build(table))
         table.finish()
     return tuple(items)
@@ -413,6 +450,100 @@ def _protect(table: _Table) -> Protect:
     if "port" not in table.data:
         raise table.error("port", "is required")
     return Protect(port=table.int_in("port", 22, 1, 65535), address=_address(table, "address"))
+
+
+def _forward(table: _Table) -> Forward:
+    for key in ("name", "doors", "port"):
+        if key not in table.data:
+            raise table.error(key, "is required")
+    name = table.take("name", str, "")
+    if not FORWARD_NAME.fullmatch(name):
+        raise table.error(
+            "name", f"{printable(name)!r} is not 1-32 of A-Z a-z 0-9 _ . - (first alphanumeric)"
+        )
+    text = table.take("doors", str, "")
+    lo_text, sep, hi_text = text.partition("-")
+    if not (lo_text.isdigit() and (not sep or hi_text.isdigit())):
+        raise table.error("doors", f"{printable(text)!r} is not a port range LO-HI (or one port)")
+    lo, hi = int(lo_text), int(hi_text) if sep else int(lo_text)
+    if not 1 <= lo <= hi <= 65535:
+        raise table.error("doors", f"{text!r}: need 1 <= LO <= HI <= 65535")
+    port = table.int_in("port", 22, 1, 65535)
+    address = _address(table, "address")
+    if address is not None and (
+        address.is_unspecified or address.is_multicast or address.is_loopback
+    ):
+        raise table.error("address", f"{address} is not a unicast host address")
+    return Forward(name, lo, hi, port, address)
+
+
+def _door(d: _Table) -> DoorConfig:
+    mark = d.int_in("mark", DEFAULT_DOOR_MARK, 1, 0xFFFFFFFF)
+    forwards = _array_of_tables(d, "forward", _forward)
+    v4, v6 = _grant_prefixes(d, 32, 128)
+    door = DoorConfig(
+        open_seconds=d.float_in("open_seconds", 30.0, 1.0, 86400.0),
+        max_connections=d.int_in("max_connections", 1, 1, 1 << 20),
+        grant_prefix_v4=v4,
+        grant_prefix_v6=v6,
+        mark=mark,
+        forward=tuple(
+            Forward(f.name, f.door_min, f.door_max, f.port, f.address, mark + 1 + i)
+            for i, f in enumerate(forwards)
+        ),
+    )
+    d.finish()
+    if len(forwards) > MAX_FORWARDS:
+        raise d.error("forward", f"{len(forwards)} entries; at most {MAX_FORWARDS}")
+    if mark + len(forwards) > 0xFFFFFFFF:
+        raise d.error("mark", f"0x{mark:x} + {len(forwards)} entries passes 0xffffffff")
+    names: set[str] = set()
+    for i, f in enumerate(door.forward):
+        if f.name in names:
+            raise ConfigError(d.file, f"door.forward[{i}].name", f"{f.name!r} is used twice")
+        names.add(f.name)
+        for j, g in enumerate(door.forward[:i]):
+            if f.door_min <= g.door_max and g.door_min <= f.door_max:
+                raise ConfigError(
+                    d.file,
+                    f"door.forward[{i}].doors",
+                    f"{f.door_min}-{f.door_max} overlaps door.forward[{j}] "
+                    f"({g.door_min}-{g.door_max}): a door leads to one target",
+                )
+    return door
+
+
+def _check_doors(
+    path: Path,
+    door: DoorConfig,
+    knock: KnockConfig,
+    protected: set[int],
+    spa: SpaConfig,
+    reject_mark: int,
+) -> None:
+    """Door ranges are ports of their own: no knock, protected or SPA port may lie in
+    one (the door's queue rule comes before all of them, in mangle PREROUTING)."""
+    if not door.forward:
+        return
+    if door.mark < reject_mark <= door.mark + len(door.forward):
+        raise ConfigError(
+            path, "door.mark", f"the door marks include the reject mark 0x{reject_mark:x}"
+        )
+    for i, f in enumerate(door.forward):
+        key = f"door.forward[{i}].doors"
+        if f.door_min <= knock.port_max and knock.port_min <= f.door_max:
+            raise ConfigError(
+                path,
+                key,
+                f"{f.door_min}-{f.door_max} overlaps the knock range "
+                f"{knock.port_min}-{knock.port_max}",
+            )
+        for what, ports in (("protected port", protected), ("SPA port", spa.ports)):
+            inside = sorted(p for p in ports if p in f.doors)
+            if inside:
+                raise ConfigError(
+                    path, key, f"{f.door_min}-{f.door_max} holds the {what} {inside[0]}"
+                )
 
 
 def _allow(table: _Table) -> Allow:
@@ -701,14 +832,7 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
         raise k.error("port_max", f"{knock.port_max} is below port_min {knock.port_min}")
     k.finish()
 
-    d = root.sub("door")
-    door = DoorConfig(
-        open_seconds=d.float_in("open_seconds", 30.0, 1.0, 86400.0),
-        max_connections=d.int_in("max_connections", 1, 1, 1 << 20),
-    )
-    v4, v6 = _grant_prefixes(d, 32, 128)
-    door = replace(door, grant_prefix_v4=v4, grant_prefix_v6=v6)
-    d.finish()
+    door = _door(root.sub("door"))
 
     protect = _array_of_tables(root, "protect", _protect)
     if not protect:
@@ -732,6 +856,8 @@ def parse_config(path: Path, data: Mapping[str, Any], *, load_users: bool = True
                 f"{port} lies in the knock range {knock.port_min}-{knock.port_max} "
                 "(move it out, or list it in [knock] exclude)",
             )
+
+    _check_doors(path, door, knock, protected, spa, queue.reject_mark)
 
     lim = root.sub("limits")
     limits = LimitsConfig(
@@ -923,6 +1049,7 @@ def parse_users(
         enabled = u.take("enabled", bool, True)
         default = (cfg.door.grant_prefix_v4, cfg.door.grant_prefix_v6)
         v4, v6 = _grant_prefixes(u, *default)
+        forward, door, isn = _user_door(u, cfg, scheme.name, knocks)
         u.finish()
         # (the [door] defaults were warned about already)
         warnings += _prefix_warnings(path, f"users.{name}", v4, v6, default)
@@ -955,6 +1082,55 @@ def parse_users(
                 spa=spa,
                 grant_prefix_v4=v4,
                 grant_prefix_v6=v6,
+                forward=forward,
+                door=door,
+                isn=isn,
             )
         )
     return tuple(users), tuple(warnings)
+
+
+def _user_door(
+    u: _Table, cfg: Config, scheme: str, knocks: bool
+) -> tuple[frozenset[str] | None, bool, bool]:
+    """``forward`` (the [[door.forward]] entries the user may use), ``door =
+    "random"`` (a knock opens the door of the one entry instead of the protected
+    ports) and ``isn = true`` (knocks carry their ISN word): the last two are v1
+    derivations (sequence.py steps 7 and 8), for knock users only."""
+    names = {f.name for f in cfg.door.forward}
+    forward: frozenset[str] | None = None
+    if "forward" in u.data:
+        value = u.data.pop("forward")
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise u.error(
+                "forward", f"must be a list of [[door.forward]] names, not {_kind(value)}"
+            )
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise u.error("forward", f"{printable(unknown[0])!r} is no [[door.forward]] name")
+        forward = frozenset(value)
+    door = False
+    if "door" in u.data:
+        mode = u.take("door", str, "")
+        if mode != "random":
+            raise u.error("door", f'{printable(mode)!r}: the only door mode is "random"')
+        if not knocks or scheme != "v1":
+            raise u.error(
+                "door",
+                "a random door is derived from a v1 knock sequence: "
+                "the user needs a knock secret and scheme v1",
+            )
+        usable = names if forward is None else forward
+        if len(usable) != 1:
+            raise u.error(
+                "door",
+                f"the user may use {len(usable)} [[door.forward]] entries; a knock opens the "
+                'door of exactly one: set forward = ["NAME"]',
+            )
+        door = True
+    isn = u.take("isn", bool, False)
+    if isn and (not knocks or scheme != "v1"):
+        raise u.error(
+            "isn", "ISN knocks are a v1 derivation: the user needs a knock secret and scheme v1"
+        )
+    return forward, door, isn

@@ -33,6 +33,7 @@ from typing import Any
 
 from nfknock.config import SpaConfig, User
 from nfknock.counters import CounterWindow
+from nfknock.door import DoorMap
 from nfknock.engine import Engine, EngineSettings
 from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict, addr_text
 from nfknock.gate import Access, ClaimOutcome, ClaimRequest, DigestClaim, Gate, GatePolicy
@@ -55,6 +56,7 @@ def policy_of(settings: EngineSettings) -> GatePolicy:
         open_seconds=settings.open_seconds,
         max_connections=settings.max_connections,
         max_open_seconds=settings.max_open_seconds,
+        doors=DoorMap(settings.forwards),
     )
 
 
@@ -125,6 +127,14 @@ class Core:
             self.replay = wider
         self._protect = t.settings.protect
         self.gate.policy = policy_of(t.settings)
+        self.doors = self.gate.policy.doors
+        # Ports that are not knocks: protected ports and forwarded doors -- the
+        # protected ports' own table when there are no doors, so that a knock costs
+        # decide_key exactly one lookup either way.
+        self._guarded: Mapping[int, object] | frozenset[int] = self._protect
+        if self.doors:
+            doors = {p for f in self.doors.forwards for p in f.doors}
+            self._guarded = frozenset(self._protect) | doors
         self.grants.max_grants = t.settings.max_grants
         self.grants.max_behind = t.settings.max_sources
 
@@ -134,11 +144,22 @@ class Core:
         self, key: bytes, port: int, wall: float, mono: float, defer: bool = False
     ) -> Decision:
         """One new TCP SYN (``key`` = packed source + destination) on a queue that
-        carries protected ports (and knocks, with a single queue).  ``defer``: see
-        :meth:`decide_protected`."""
-        if port in self._protect:
-            return self.decide_protected(key, port, mono, defer)
+        carries protected ports and forwarded doors (and knocks, with a single
+        queue).  ``defer``: see :meth:`decide_protected`."""
+        if port in self._guarded:
+            if port in self._protect:
+                return self.decide_protected(key, port, mono, defer)
+            return self.decide_door(key, port, mono, defer)
         return self.knocks.decide_key(key, port, wall, mono)
+
+    def decide_isn(
+        self, key: bytes, port: int, isn: int, wall: float, mono: float, defer: bool = False
+    ) -> Decision:
+        """:meth:`decide_key` for a SYN whose sequence number was read: while some
+        user knocks with ISNs (``Engine.isn_mode``), a knock is decided with it."""
+        if port in self._guarded:
+            return self.decide_key(key, port, wall, mono, defer)
+        return self.knocks.decide_isn(key, port, isn, wall, mono)
 
     def decide(self, src: bytes, dst: bytes, port: int, wall: float, mono: float) -> Decision:
         return self.decide_key(src + dst, port, wall, mono)
@@ -183,6 +204,7 @@ class Core:
                 ports=result.ports,
                 seconds=float(result.timeout) if result.timeout is not None else None,
                 origin=src,
+                door=bool(result.forward),
             )
             events += self.gate.earn(access, wall, mono)
         return Decision(Verdict.DROP, tuple(events))
@@ -214,6 +236,33 @@ class Core:
             ev = Event(EventKind.PROTECTED_REJECT, src, dst, None, port, reason, "behind")
             return Decision(Verdict.REJECT, (ev,))
         return _drop(src, dst, port, "no grant", "no_grant")
+
+    def decide_door(self, key: bytes, port: int, mono: float, defer: bool = False) -> Decision:
+        """A new SYN to a forwarded door (nfknock.door): ACCEPT with the entry's mark
+        when a confirmed grant of this source covers the door; HOLD / REJECT as for
+        a protected port; otherwise DROP, silently -- door ranges are scanned like
+        the knock range, and a door says nothing to whoever has no grant."""
+        entry = self.doors.entry(port)
+        if entry is None or not self.doors.serves(entry, key[len(key) // 2 :]):
+            return DROP_SILENT
+        verdict, grant = self.grants.decide(key, port, mono)
+        if defer and (verdict is Verdict.DROP or verdict is Verdict.REJECT):
+            return Decision(Verdict.HOLD)
+        if verdict is Verdict.ACCEPT and grant is not None:
+            if grant.ref:
+                self.used.append((key, grant.ref))
+            src, dst = split_key(key)
+            reason = f"door to {entry.target_text()}, {grant.remaining} connection(s) left"
+            ev = Event(EventKind.PROTECTED_ACCEPT, src, dst, grant.user, port, reason, "door")
+            return Decision(Verdict.ACCEPT, (ev,), entry.mark)
+        if verdict is Verdict.HOLD:
+            return Decision(Verdict.HOLD)
+        if verdict is Verdict.REJECT:
+            src, dst = split_key(key)
+            reason = "stale sequence: client is behind"
+            ev = Event(EventKind.PROTECTED_REJECT, src, dst, None, port, reason, "behind")
+            return Decision(Verdict.REJECT, (ev,))
+        return DROP_SILENT
 
     # --- claims -----------------------------------------------------------------------
 
@@ -334,7 +383,8 @@ class Core:
             high, pruned = self.knocks.replay_horizon()
             engine.restore_counters(windows, high, pruned)
         protected = frozenset(settings.protect)
-        verifier = Verifier(spa_users, spa, protected) if spa.ports and spa_users else None
+        doors = DoorMap(settings.forwards)
+        verifier = Verifier(spa_users, spa, protected, doors) if spa.ports and spa_users else None
         everyone = {u.name: u for u in (*spa_users, *users)}
         return Tables(settings, engine, verifier, everyone, spa)
 
@@ -346,11 +396,12 @@ class Core:
         snapshot are merged, every grant re-checked against the new configuration.
         Knock progress in flight is discarded (clients retry)."""
         old_users = dict(self._users)
+        old_doors = self.doors
         for user, step, window in self.knocks.windows():
             if user in tables.engine.users:
                 tables.engine.merge_window(user, step, window)
         self._install(tables)
-        events = self.grants.retain(self._allowed(old_users), mono)
+        events = self.grants.retain(self._allowed(old_users, old_doors), mono)
         return events + retain_prefixes(self.grants, self._prefix_of)
 
     def _prefix_of(self, name: str, size: int) -> int | None:
@@ -359,9 +410,12 @@ class Core:
         user = self._users.get(name)
         return user.grant_prefix(size) if user is not None else None
 
-    def _allowed(self, old_users: Mapping[str, User]) -> Any:
+    def _allowed(self, old_users: Mapping[str, User], old_doors: DoorMap) -> Any:
         policy = self.gate.policy
         users = self._users
+        # The doors grants hold now, less those that lead elsewhere after the change.
+        held = {p for _, g in self.grants.items() for p in g.ports if old_doors.entry(p)}
+        held -= policy.doors.moved(old_doors)
 
         def allowed(name: str, dst: bytes) -> tuple[frozenset[int], int, float]:
             user = users.get(name)
@@ -374,7 +428,8 @@ class Core:
             if user is None or rekeyed:
                 return frozenset(), 0, 0.0
             longest = max(policy.open_seconds, policy.max_open_seconds)
-            return policy.ports_for(user, dst), policy.max_connections, longest
+            ports = policy.ports_for(user, dst) | policy.doors.doors_for(user, dst, held)
+            return ports, policy.max_connections, longest
 
         return allowed
 
@@ -438,7 +493,9 @@ class Core:
         policy = self.gate.policy
         expires = mono + min(r.expires - wall, max(policy.open_seconds, policy.max_open_seconds))
         user = self._users.get(r.user)
-        ports = r.ports & policy.ports_for(user, r.dst)
+        ports = r.ports & (
+            policy.ports_for(user, r.dst) | policy.doors.doors_for(user, r.dst, r.ports)
+        )
         remaining = min(r.remaining, policy.max_connections)
         if not ports or remaining <= 0 or expires <= mono:
             return None

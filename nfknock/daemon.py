@@ -249,20 +249,24 @@ class Daemon:
     def handle(self, pkt: Any) -> None:
         """The priority queue's callback."""
         verdict = Verdict.DROP
+        mark = 0
         payload = b""
         try:
             payload = pkt.get_payload()
-            verdict = self.service.decide_packet(payload, defer=self.defer)
-        except Exception as exc:  # decide_packet never raises; get_payload might
+            verdict, mark = self.service.decide_marked(payload, defer=self.defer)
+        except Exception as exc:  # decide_marked never raises; get_payload might
             self.service.internal_error(exc, b"")
         finally:
-            self._give(pkt, verdict, payload)
+            self._give(pkt, verdict, payload, mark)
             try:
                 self.service.settle()  # after the verdict: logging costs it no latency
             except Exception as exc:
                 self.service.internal_error(exc, b"")
 
-    def _give(self, pkt: Any, verdict: Verdict, payload: bytes) -> None:
+    def _give(self, pkt: Any, verdict: Verdict, payload: bytes, mark: int = 0) -> None:
+        """Give the verdict.  ``mark`` (a forwarded door's target, nfknock.door) is
+        set before an ACCEPT: the nat rule that translates the SYN, and the filter
+        rule that lets it through, match it."""
         try:
             if verdict is Verdict.HOLD:
                 if len(self._held) < MAX_HELD:
@@ -271,6 +275,8 @@ class Daemon:
                     return
                 verdict = Verdict.DROP
             if verdict is Verdict.ACCEPT:
+                if mark:
+                    pkt.set_mark(mark)
                 pkt.accept()
             elif verdict is Verdict.REJECT:
                 pkt.set_mark(self.mark)
@@ -288,15 +294,15 @@ class Daemon:
             if expire_only and now - held.since < HOLD_SECONDS:
                 self._held.append(held)
                 continue
-            verdict = Verdict.DROP
+            verdict, mark = Verdict.DROP, 0
             if not expire_only:
-                verdict = self.service.decide_packet(held.payload)
+                verdict, mark = self.service.decide_marked(held.payload)
                 if verdict is Verdict.HOLD and now - held.since < HOLD_SECONDS:
                     self._held.append(held)
                     continue
                 if verdict is Verdict.HOLD:
                     verdict = Verdict.DROP
-            self._give(held.pkt, verdict, held.payload)
+            self._give(held.pkt, verdict, held.payload, mark)
             self.service.settle()
 
     # --- between packets ------------------------------------------------------

@@ -92,6 +92,16 @@ front of it (one mask of the key per knock).  Events about a knock name its real
 source; those about the progress table (``progress_reset``, ``source_evicted``) name
 the prefix's first address.
 
+*ISN knocks.*  Users with ``isn = true`` have no candidates in the table above: a
+port-only match would let any ISN advance them.  :mod:`nfknock.isnknock` holds
+theirs, by exact (port, ISN) pair, and the service hands every knock's ISN to
+:meth:`Engine.decide_isn` -- only while such a user exists (``isn_mode``), so the
+knock path of everyone else is unchanged.  Their counters, claims and completions
+are the engine's, as for any user.
+
+*Doors.*  A completion of a ``door = "random"`` user earns the door that follows
+the sequence in its bit stream (nfknock.door), not the protected ports.
+
 *Bounds.*  Sources (LRU), memory and progress per source, counter windows and
 stale candidates all have limits from the configuration.  A clock step (or a step
 change the ticks did not prepare) builds at most :data:`SYNC_BUILD` user-steps on
@@ -107,11 +117,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from nfknock.candidates import HOTP_STEP, CandidateTable, Mac, StepIndex
-from nfknock.config import Config, User
+from nfknock.config import Config, Forward, User
 from nfknock.counters import MAX_COUNTER, CounterWindow
 from nfknock.events import DROP_SILENT, Decision, Event, EventKind, Verdict
 from nfknock.gate import Access, CounterClaim, Gate
 from nfknock.grants import split_key
+from nfknock.isnknock import IsnTracker
 from nfknock.prefixes import key_masks
 from nfknock.schemes import V1, Scheme, merge_ranges
 from nfknock.sequence import SequenceParams, step_of
@@ -161,6 +172,7 @@ class EngineSettings:
     stale_counters: int = 8
     lookahead: int = 2  # counters beyond the floor that still open (counters.py)
     max_open_seconds: float = 300.0  # SPA: a client's timeout is honoured up to this
+    forwards: tuple[Forward, ...] = ()  # [[door.forward]] (nfknock.door)
 
     @classmethod
     def from_config(cls, cfg: Config) -> EngineSettings:
@@ -188,6 +200,7 @@ class EngineSettings:
             stale_counters=lim.stale_counters,
             lookahead=k.lookahead,
             max_open_seconds=float(cfg.spa.max_open_seconds),
+            forwards=cfg.door.forward,
         )
 
 
@@ -305,6 +318,19 @@ class Engine:
         self._users = {u.name: u for u in users}
         self._ulist = list(self._users.values())
         self._uidx = {u.name: i for i, u in enumerate(self._ulist)}
+        s = self.s
+        self._isn = (
+            IsnTracker(
+                s.params,
+                timeout=s.sequence_timeout,
+                stray_budget=s.stray_budget,
+                max_sources=s.max_sources,
+                max_progress=s.max_progress_per_source,
+            )
+            if any(u.isn and u.enabled for u in self._ulist)
+            else None
+        )
+        self.isn_mode = self._isn is not None
         self._set_masking()
         # Which destination ports are knocks: the union of the schemes' ranges,
         # never a protected port.  A byte per port: one index on the packet path.
@@ -390,7 +416,11 @@ class Engine:
 
     def _build(self, uidx: int, step: int, mac: Mac | None = None) -> None:
         """Make one user's candidates of one step exactly the wanted ones."""
-        self._table.build(uidx, step, self._wanted_counters(self._ulist[uidx], step), mac)
+        user = self._ulist[uidx]
+        if user.isn and self._isn is not None:  # by (port, ISN) pair: isnknock.py
+            self._isn.sync(uidx, user, step, self._wanted_counters(user, step))
+            return
+        self._table.build(uidx, step, self._wanted_counters(user, step), mac)
 
     def _build_live(self) -> None:
         """Build every live step for every user now (construction, new users): user
@@ -459,6 +489,8 @@ class Engine:
         for step in [t for t in self._cursor if not lo <= t <= hi]:
             del self._cursor[step]
         self._built = {t for t in self._built if lo <= t <= hi}
+        if self._isn is not None:
+            self._isn.keep_steps(lo, hi)
 
     def _live_indexes(self) -> list[StepIndex]:
         """The start indexes of the live steps (cached until indexes or the window
@@ -547,6 +579,8 @@ class Engine:
             self._pruned_at = self._step
             events += self._prune_windows()
         self._expire(mono)
+        if self._isn is not None:
+            self._isn.expire(mono)
         if self._tick_wall is not None and 0 < wall - self._tick_wall < 5:
             self._tick_gap = 0.75 * self._tick_gap + 0.25 * (wall - self._tick_wall)
         self._tick_wall = wall
@@ -647,6 +681,24 @@ class Engine:
         if mask is not None:
             key = (int.from_bytes(key, "big") & mask).to_bytes(len(key), "big")
         return Engine.decide_key(self, key, port, wall, mono)
+
+    def decide_isn(self, key: bytes, port: int, isn: int, wall: float, mono: float) -> Decision:
+        """:meth:`decide_key` for a knock whose ISN is known (``isn_mode``): decided
+        for the port-only users as always, then for the ISN users by its exact
+        (port, ISN) pair (isnknock.py)."""
+        decision = self.decide_key(key, port, wall, mono)
+        tracker = self._isn
+        # The usual case, two lookups: no candidate has this pair, no ISN progress here.
+        if tracker is None or (
+            port << 32 | isn not in tracker.pairs and key not in tracker.sources
+        ):
+            return decision
+        done, events = tracker.knock(key, port, isn, self._live_lo, self._live_hi, mono)
+        for cand in done:
+            events += self._completed(key, cand.uidx, cand.step, cand.counter, wall, mono)
+        if not events:
+            return decision
+        return Decision(Verdict.DROP, decision.events + tuple(events))
 
     def _again(
         self, key: bytes, known: int | tuple[int, ...], port: int, wall: float, mono: float
@@ -914,11 +966,16 @@ class Engine:
         gets the real one."""
         key = self._real or key
         source.strays = 0
-        uidx = prog.group // self._residues
+        return self._completed(
+            key, prog.group // self._residues, prog.step, prog.counter, wall, mono
+        )
+
+    def _completed(
+        self, key: bytes, uidx: int, step: int, counter: int, wall: float, mono: float
+    ) -> list[Event]:
         user = self._ulist[uidx]
         if not user.enabled:
             return []
-        step, counter = prog.step, prog.counter
         window = self._window(user.name, step)
         lookahead = self._lookahead(user)
         if not window.claimable(counter, lookahead):
@@ -945,7 +1002,13 @@ class Engine:
             )
         ]
         claim = CounterClaim(user.name, step, counter, lookahead)
-        access = Access(user.name, src, dst, claim, "knock", origin=src)
+        ports, door = None, None
+        if user.door:  # a forwarded door instead of the protected ports (nfknock.door)
+            door = self.gate.policy.doors.knock_door(user, step, counter, self.s.params)
+            ports = frozenset({door[1]}) if door else frozenset()
+        access = Access(
+            user.name, src, dst, claim, "knock", origin=src, ports=ports, door=user.door
+        )
         events += self.gate.earn(access, wall, mono)
         return events
 
@@ -975,7 +1038,8 @@ class Engine:
         (live, or staged for the next step); other steps are just counters."""
         uidx = self._uidx[name]
         in_window = step == HOTP_STEP or self._live_lo <= step <= self._live_hi + 1
-        if in_window and self._ulist[uidx].enabled and step in self._table.steps:
+        user = self._ulist[uidx]
+        if in_window and user.enabled and (step in self._table.steps or user.isn):
             self._build(uidx, step)
 
     # --- introspection and persistence ----------------------------------------

@@ -82,6 +82,9 @@ class Event:
 class Decision(NamedTuple):
     verdict: Verdict
     events: tuple[Event, ...] = ()
+    # With ACCEPT: the netfilter mark the adapter sets first (a forwarded door's
+    # target, nfknock.door); 0: none.
+    mark: int = 0
 
 
 def addr_text(packed: bytes) -> str:

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nfknock.config import User
+from nfknock.door import DoorMap
 from nfknock.events import Event, EventKind
 from nfknock.grants import Grant, GrantTable, split_key
 from nfknock.prefixes import mask_address, mask_key
@@ -64,7 +65,8 @@ class Access:
     """What a knock sequence or an SPA packet earned.  ``src`` is the address to open
     (an SPA allow-IP may differ from the packet's source ``origin``), ``dst`` the
     destination it is for; ``ports`` None asks for every port the user may open
-    there; ``seconds`` None takes ``[door] open_seconds``."""
+    there; ``seconds`` None takes ``[door] open_seconds``.  ``door``: ``ports`` are
+    forwarded doors (nfknock.door), not protected ports."""
 
     user: str
     src: bytes
@@ -74,6 +76,7 @@ class Access:
     ports: frozenset[int] | None = None
     seconds: float | None = None
     origin: bytes = b""
+    door: bool = False
 
 
 class Outcome(enum.Enum):
@@ -114,6 +117,7 @@ class GatePolicy:
     open_seconds: float
     max_connections: int
     max_open_seconds: float  # an SPA client's timeout is honoured up to this
+    doors: DoorMap = field(default_factory=DoorMap)  # [[door.forward]]
 
     def ports_for(self, user: User | None, dst: bytes) -> frozenset[int]:
         if user is None or not user.enabled:
@@ -143,9 +147,13 @@ class Gate:
     def earn(self, access: Access, wall: float, mono: float) -> list[Event]:
         src, dst = access.src, access.dst
         user = self._users().get(access.user)
-        allowed = self.policy.ports_for(user, dst)
-        ports = allowed if access.ports is None else allowed & access.ports
+        if access.door:
+            ports = self.policy.doors.doors_for(user, dst, access.ports or ())
+        else:
+            allowed = self.policy.ports_for(user, dst)
+            ports = allowed if access.ports is None else allowed & access.ports
         if not ports:
+            what = "door" if access.door else "protected port"
             return [
                 Event(
                     EventKind.GRANT_OPENED,
@@ -153,8 +161,8 @@ class Gate:
                     dst,
                     access.user,
                     None,
-                    "no protected port here for this user",
-                    "no_port_here",
+                    f"no {what} here for this user",
+                    "no_door_here" if access.door else "no_port_here",
                 )
             ]
         seconds = self.policy.open_seconds

@@ -94,3 +94,25 @@ def parse_key(data: bytes) -> tuple[bytes, int]:
     if data[off + 13] & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN:
         raise MalformedPacket("not-a-syn")
     return key, (data[off + 2] << 8) | data[off + 3]
+
+
+def parse_isn(data: bytes) -> int:
+    """The TCP sequence number (the ISN of a SYN) of a packet that
+    :func:`parse_key` accepted.  Read only when some user knocks with ISNs (the
+    knock path stays as lean as it is otherwise): it walks the headers again."""
+    if data[0] >> 4 == 4:
+        off = (data[0] & 0x0F) * 4
+    else:
+        nxt, off = data[6], 40
+        for _ in range(MAX_EXT_HEADERS):  # the chain parse_key checked
+            if nxt == PROTO_TCP:
+                break
+            if nxt == _EXT_FRAGMENT:
+                nxt, off = data[off], off + 8
+            else:
+                nxt, off = data[off], off + (data[off + 1] + 1) * 8
+        if nxt != PROTO_TCP:
+            raise MalformedPacket("extension-chain")
+    if len(data) < off + 8:
+        raise MalformedPacket("truncated")
+    return int.from_bytes(data[off + 4 : off + 8], "big")

@@ -26,8 +26,9 @@ from nfknock import applied, xtables
 from nfknock.applied import DEFAULT_APPLIED, Applied, FamilyRecord, RecordError
 from nfknock.config import Config, ConfigError
 from nfknock.render import (
-    CHAIN,
+    HOOK_CHAINS,
     OWNED_CHAINS,
+    TABLE_OF,
     knock_ranges,
     render_aws_sg,
     render_iptables,
@@ -88,8 +89,8 @@ def _install(texts: dict[str, str], previous: Applied | None) -> dict[str, Famil
     clean; a failure in the second family puts the first back as ``previous`` had it."""
     planned = []
     for fam in FAMILIES:
-        table = xtables.read_table(fam)
-        txn = xtables.transaction(texts[fam.tool], table)
+        tables = xtables.read_tables(fam)
+        txn = xtables.transaction(texts[fam.tool], tables)
         try:
             xtables.test_restore(fam, txn)
         except RulesError as exc:
@@ -104,7 +105,7 @@ def _install(texts: dict[str, str], previous: Applied | None) -> dict[str, Famil
         done.append(fam)
     out = {}
     for fam in FAMILIES:
-        out[fam.tool] = FamilyRecord(texts[fam.tool], xtables.owned(xtables.read_table(fam)))
+        out[fam.tool] = FamilyRecord(texts[fam.tool], xtables.owned(xtables.read_tables(fam)))
     return out
 
 
@@ -117,7 +118,7 @@ def _roll_back(done: list[Family], previous: Applied | None) -> str:
     try:
         for fam in done:
             text = previous.families[fam.tool].rendered
-            xtables.restore(fam, xtables.transaction(text, xtables.read_table(fam)))
+            xtables.restore(fam, xtables.transaction(text, xtables.read_tables(fam)))
     except RulesError as exc:
         return f"; putting {names} back failed too: {exc}"
     return f"; {names} put back to the rules installed at {previous.when()}"
@@ -164,7 +165,7 @@ def remove() -> list[str]:
     """Remove nfknock's jumps and chains; nothing else."""
     done = []
     for fam in FAMILIES:
-        txn = xtables.removal(xtables.read_table(fam))
+        txn = xtables.removal(xtables.read_tables(fam))
         if txn is None:
             done.append(f"{fam.tool}: nothing to remove")
             continue
@@ -205,15 +206,19 @@ def check(cfg: Config, applied_path: Path = DEFAULT_APPLIED) -> list[Problem]:
         except ConfigError as exc:  # valid for the daemon, not expressible in iptables
             problems.append(Problem("config_unrenderable", fam.tool, str(exc), "fix the config"))
             continue
+        rec = record.families.get(fam.tool) if record else None
+        want = rec.chains if rec else {c: [] for c in OWNED_CHAINS if f":{c} " in rendered}
+        # The nat and mangle tables only when doors are installed or configured: the
+        # daemon runs this every 30 s, and without doors two calls do.
+        names = {"filter", *(TABLE_OF[c] for c in want if c in TABLE_OF)}
+        names |= {name for name, _ in xtables.sections(rendered)}
         try:
-            table = xtables.read_table(fam)
+            tables = xtables.read_tables(fam, names)
         except RulesError as exc:
             problems.append(Problem("firewall_unreadable", fam.tool, str(exc), "check iptables"))
             continue
-        rec = record.families.get(fam.tool) if record else None
-        want = rec.chains if rec else {c: [] for c in OWNED_CHAINS if f":{c} " in rendered}
-        problems += _check_jumps(fam.tool, table, want, install)
-        problems += _check_chains(fam.tool, table, want, rec is not None, install)
+        problems += _check_jumps(fam.tool, tables, want, install)
+        problems += _check_chains(fam.tool, tables, want, rec is not None, install)
         if record and rec and rec.rendered != rendered:
             problems.append(
                 Problem(
@@ -232,20 +237,37 @@ def _quote(chain: str, index: int, spec: str) -> str:
 
 
 def _check_jumps(
-    tool: str, table: xtables.Table, want: dict[str, list[str]], install: str
+    tool: str, tables: xtables.Tables, want: dict[str, list[str]], install: str
 ) -> list[Problem]:
     """Each hook's chain must be entered by exactly one rule: ``-j CHAIN``, the first
-    rule of the hook; nothing else may jump into nfknock's chains."""
+    rule of the hook; nothing else may jump into nfknock's chains.  (Filter hooks
+    are named as before; the others with their table: ``PREROUTING (nat)``.)"""
+    out = []
+    for name, hooks in HOOK_CHAINS.items():
+        out += _check_table_jumps(tool, tables.get(name), hooks, want, install)
+    return out
+
+
+def _check_table_jumps(
+    tool: str,
+    table: xtables.Table | None,
+    hooks: dict[str, str],
+    want: dict[str, list[str]],
+    install: str,
+) -> list[Problem]:
+    if table is None:
+        return []
     out = []
     refs = table.references()
     accepted: set[tuple[str, int]] = set()
-    for hook, chain in CHAIN.items():
+    for hook_name, chain in hooks.items():
         if chain not in want:
             continue
-        rules = table.chains.get(hook, [])
+        rules = table.chains.get(hook_name, [])
+        hook = hook_name if table.name == "filter" else f"{hook_name} ({table.name})"
         first = next((i for i, spec in enumerate(rules) if spec == f"-j {chain}"), None)
         if first is None:
-            partial = [r for r in refs if r[0] == hook and xtables.jump_target(r[2]) == chain]
+            partial = [r for r in refs if r[0] == hook_name and xtables.jump_target(r[2]) == chain]
             code, detail = "jump_missing", f"{hook} does not jump to {chain}: {hook} is unguarded"
             if partial:
                 code = "jump_conditional"
@@ -256,7 +278,7 @@ def _check_jumps(
             out.append(Problem(code, tool, detail, f"run `{install}`"))
             accepted.update((r[0], r[1]) for r in partial)
             continue
-        accepted.add((hook, first))
+        accepted.add((hook_name, first))
         if first > 0:
             above = "; ".join(_quote(hook, i, rules[i]) for i in range(min(first, QUOTE_ABOVE)))
             more = f" and {first - QUOTE_ABOVE} more" if first > QUOTE_ABOVE else ""
@@ -286,11 +308,12 @@ def _check_jumps(
 
 
 def _check_chains(
-    tool: str, table: xtables.Table, want: dict[str, list[str]], exact: bool, install: str
+    tool: str, tables: xtables.Tables, want: dict[str, list[str]], exact: bool, install: str
 ) -> list[Problem]:
     out = []
     for chain in OWNED_CHAINS:
-        have = table.chains.get(chain)
+        table = tables.get(TABLE_OF[chain])
+        have = table.chains.get(chain) if table is not None else None
         if chain not in want:
             if have is not None:
                 out.append(

@@ -19,6 +19,22 @@ Theory of operation (the scheme is exact; the conformance vectors in
 6. Read ``width``-bit words MSB first (words may span blocks).  Accept
    ``p = lo + w`` when ``w < span`` (rejection sampling: no modulo bias), ``p`` is
    not excluded and not already in the sequence; stop at L ports.
+
+Two extensions of v1, each versioned on its own (:data:`DOOR_DERIVATION`,
+:data:`ISN_DERIVATION`) and pinned by ``tests/vectors/sequence-v1-ext.json``; the
+sequence itself is unchanged by either:
+
+7. *The door* (users with ``door = "random"``, a ``[[door.forward]]`` range
+   ``[dlo, dhi]``): go on reading the same bit stream B right after the word that
+   gave the L-th port, in ``dwidth``-bit words (``dspan = dhi - dlo + 1``,
+   ``dwidth`` = bit length of ``dspan - 1``); the door is ``dlo + w`` for the first
+   word ``w < dspan`` (rejection sampling again; a one-port range needs no bits).
+   Client and server compute it alike: the server never has to tell it.
+8. *ISNs* (users with ``isn = true``): knock ``i`` (from 0) of the sequence carries
+   the TCP initial sequence number ``ISN_i = BE32(S[4i .. 4i+3])`` where ``S =
+   HMAC(K, H_c || "isn" || BE32(0)) || HMAC(K, H_c || "isn" || BE32(1)) || ...``
+   (each block holds 16 ISNs).  ``"isn"`` is ASCII; the messages are 71 bytes long,
+   the extension blocks' of step 5 are 68, so the two streams never share a block.
 """
 
 from __future__ import annotations
@@ -42,6 +58,10 @@ MAX_LENGTH = 255
 # A sequence that needs more than this many extension blocks means the parameters
 # leave almost no usable ports; refuse instead of looping for ever.
 MAX_BLOCKS = 4096
+# Versions of the two v1 extensions (module docstring, steps 7 and 8): a change to
+# either derivation is a new version, never a silent edit.
+DOOR_DERIVATION = 1
+ISN_DERIVATION = 1
 
 
 class SecretError(ValueError):
@@ -110,6 +130,14 @@ def first_block(secret: bytes, step: int, counter: int, realm: bytes = b"") -> b
 
 def ports_from_block(secret: bytes, block: bytes, params: SequenceParams) -> tuple[int, ...]:
     """Steps 4-6: rejection-sample ``width``-bit words of the bit stream into ports."""
+    return _sample(secret, block, params)[0]
+
+
+def _sample(
+    secret: bytes, block: bytes, params: SequenceParams
+) -> tuple[tuple[int, ...], int, int, int]:
+    """Steps 4-6, and where the stream stands after them: (ports, the unread bits,
+    how many, the index of the block they came from) -- step 7 reads on from there."""
     width = params.width
     span = params.span
     lo = params.port_min
@@ -136,7 +164,7 @@ def ports_from_block(secret: bytes, block: bytes, params: SequenceParams) -> tup
             chosen.append(port)
             seen.add(port)
             if len(chosen) == params.length:
-                return tuple(chosen)
+                return tuple(chosen), acc, nbits, index
         index += 1
         if index > MAX_BLOCKS:
             raise SchemeError("the parameters exhaust the bit stream; widen the port range")
@@ -146,6 +174,56 @@ def ports_from_block(secret: bytes, block: bytes, params: SequenceParams) -> tup
 def derive(secret: bytes, step: int, counter: int, params: SequenceParams) -> tuple[int, ...]:
     """The knock sequence for one (step, counter)."""
     return ports_from_block(secret, first_block(secret, step, counter, params.realm), params)
+
+
+def door_from_block(
+    secret: bytes, block: bytes, params: SequenceParams, door_min: int, door_max: int
+) -> int:
+    """Step 7: the door port in ``door_min``..``door_max`` that follows the sequence
+    of ``block`` (= H_c) in its bit stream."""
+    if not 1 <= door_min <= door_max <= 65535:
+        raise SchemeError(f"door range {door_min}-{door_max} is not within 1-65535")
+    span = door_max - door_min + 1
+    width = (span - 1).bit_length()
+    if width == 0:
+        return door_min
+    _ports, acc, nbits, index = _sample(secret, block, params)
+    while True:
+        while nbits >= width:
+            nbits -= width
+            word = acc >> nbits
+            acc &= (1 << nbits) - 1
+            if word < span:
+                return door_min + word
+        index += 1
+        if index > MAX_BLOCKS:
+            raise SchemeError("the parameters exhaust the bit stream; widen the door range")
+        current = hmac.digest(secret, block + struct.pack(">I", index), hashlib.sha512)
+        acc = (acc << (8 * len(current))) | int.from_bytes(current, "big")
+        nbits += 8 * len(current)
+
+
+def isns_from_block(secret: bytes, block: bytes, length: int) -> tuple[int, ...]:
+    """Step 8: the ISN of each of the ``length`` knocks of the sequence of ``block``."""
+    stream = b""
+    j = 0
+    while len(stream) < 4 * length:
+        stream += hmac.digest(secret, block + b"isn" + struct.pack(">I", j), hashlib.sha512)
+        j += 1
+    return struct.unpack(f">{length}I", stream[: 4 * length])
+
+
+def door_port(
+    secret: bytes, step: int, counter: int, params: SequenceParams, door_min: int, door_max: int
+) -> int:
+    """The door of one (step, counter) (step 7)."""
+    block = first_block(secret, step, counter, params.realm)
+    return door_from_block(secret, block, params, door_min, door_max)
+
+
+def isns(secret: bytes, step: int, counter: int, params: SequenceParams) -> tuple[int, ...]:
+    """The ISNs of one (step, counter)'s knocks (step 8)."""
+    return isns_from_block(secret, first_block(secret, step, counter, params.realm), params.length)
 
 
 def sequence_at(

@@ -4,8 +4,9 @@
 state store (through its thread, :mod:`nfknock.store.worker`) and the event log.
 The NFQUEUE adapter (:mod:`nfknock.daemon`):
 
-1. hands each packet to :meth:`Service.decide_packet` and gives the verdict --
-   ``Verdict.HOLD`` means "keep the packet until its grant's claim resolves";
+1. hands each packet to :meth:`Service.decide_marked` and gives the verdict --
+   ``Verdict.HOLD`` means "keep the packet until its grant's claim resolves"; an
+   ACCEPT may come with a mark to set first (a forwarded door, nfknock.door);
 2. calls :meth:`Service.settle` after the verdict: events are logged and new claims
    go to the store thread (logging and disk never delay a verdict);
 3. calls :meth:`Service.on_claims` when the store thread's fd is readable: outcomes
@@ -36,7 +37,7 @@ from nfknock.engine import Engine, EngineSettings
 from nfknock.events import Event, EventKind, Verdict
 from nfknock.gate import Outcome
 from nfknock.logs import EventLogger
-from nfknock.packet import MalformedPacket, parse_key
+from nfknock.packet import MalformedPacket, parse_isn, parse_key
 from nfknock.spa.packet import parse_spa_packet
 from nfknock.store import Snapshot, StateError, StateStore
 from nfknock.store.changes import (
@@ -234,10 +235,16 @@ class Service:
 
     def decide_packet(self, payload: bytes, defer: bool = False) -> Verdict:
         """The verdict for one packet of the priority queue (or of a single queue):
-        protected-port SYNs, SPA packets (UDP, or a TCP SYN with data to an SPA port)
-        and knocks.  ``defer``: HOLD a protected SYN that finds no grant yet (see
-        ``Core.decide_protected``).  Its events wait for :meth:`settle`.  Never
-        raises: anything unexpected is DROP plus an event (fail closed)."""
+        protected-port SYNs, SPA packets (UDP, or a TCP SYN with data to an SPA port),
+        forwarded doors and knocks.  ``defer``: HOLD a protected SYN that finds no
+        grant yet (see ``Core.decide_protected``).  Its events wait for
+        :meth:`settle`.  Never raises: anything unexpected is DROP plus an event
+        (fail closed)."""
+        return self.decide_marked(payload, defer)[0]
+
+    def decide_marked(self, payload: bytes, defer: bool = False) -> tuple[Verdict, int]:
+        """:meth:`decide_packet`, and the netfilter mark to set before an ACCEPT (a
+        forwarded door's target, nfknock.door; 0: none)."""
         try:
             mono = self.now = self.mono()
             try:
@@ -245,27 +252,37 @@ class Service:
             except MalformedPacket as exc:
                 if exc.reason != "not-tcp" or not self.core.spa_ports:
                     raise
-                return self._spa(payload, mono)
+                return self._spa(payload, mono), 0
             if port in self.core.spa_ports:
-                return self._spa(payload, mono)
-            decision = self.core.decide_key(key, port, mono + self.wall_offset, mono, defer)
+                return self._spa(payload, mono), 0
+            wall = mono + self.wall_offset
+            if self.core.knocks.isn_mode:  # users with isn = true: the ISN counts
+                decision = self.core.decide_isn(key, port, parse_isn(payload), wall, mono, defer)
+            else:
+                decision = self.core.decide_key(key, port, wall, mono, defer)
             if decision.events:
                 self.pending += decision.events
             self.verdicts[decision.verdict] += 1
-            return decision.verdict
+            return decision.verdict, decision.mark
         except MalformedPacket as exc:
             self._malformed(payload, exc)
         except Exception as exc:  # a bug: still a verdict, still running
             self.internal_error(exc, payload)
         self.verdicts[Verdict.DROP] += 1
-        return Verdict.DROP
+        return Verdict.DROP, 0
 
     def decide_knock(self, payload: bytes) -> Verdict:
         """The knock queue's hot path: only TCP SYNs to the knock range come here."""
         try:
             mono = self.now = self.mono()
             key, port = parse_key(payload)
-            decision = self.core.knocks.decide_key(key, port, mono + self.wall_offset, mono)
+            knocks = self.core.knocks
+            if knocks.isn_mode:  # users with isn = true: the ISN is read only then
+                decision = knocks.decide_isn(
+                    key, port, parse_isn(payload), mono + self.wall_offset, mono
+                )
+            else:
+                decision = knocks.decide_key(key, port, mono + self.wall_offset, mono)
             if decision.events:
                 self.pending += decision.events
             self.verdicts[decision.verdict] += 1

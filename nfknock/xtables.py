@@ -1,11 +1,15 @@
-"""The iptables/ip6tables adapter: read the filter table, replace nfknock's chains.
+"""The iptables/ip6tables adapter: read the tables, replace nfknock's chains.
 
 Everything nfknock changes in one family goes through one ``iptables-restore
---noflush`` transaction, which the kernel applies atomically: the chains' new
-contents, the removal of every jump into them from other chains, the one jump at
-rule 1 of ``INPUT`` / ``FORWARD``, and the removal of chains no longer used.  The
-transaction is first run with ``--test`` (parsed and built, not committed).
-What the kernel holds is read back with ``iptables -S`` (its own normalised text).
+--noflush`` transaction: the chains' new contents, the removal of every jump into
+them from other chains, the one jump at rule 1 of each hook (``INPUT`` /
+``FORWARD`` in the filter table; ``PREROUTING`` in mangle and nat for forwarded
+doors), and the removal of chains no longer used.  The kernel applies each table's
+section atomically (a restore commits table by table: the filter table first,
+then nat and mangle -- every state in between is closed, see nfknock.render_door).
+The transaction is first run with ``--test`` (parsed and built, not committed).
+What the kernel holds is read back with ``iptables -t TABLE -S`` (its own
+normalised text).
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import itertools
 import shlex
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from nfknock.render import CHAIN, OWNED_CHAINS
+from nfknock.render import HOOK_CHAINS, OWNED_CHAINS, TABLE_OF
 
 TIMEOUT = 60.0
 
@@ -62,10 +66,11 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class Table:
-    """The filter table as ``iptables -S`` prints it: each chain's rules in order,
-    each rule its specification after ``-A CHAIN``."""
+    """One table (``name``) as ``iptables -t NAME -S`` prints it: each chain's rules
+    in order, each rule its specification after ``-A CHAIN``."""
 
     chains: dict[str, list[str]]
+    name: str = "filter"
 
     def references(self, targets: Sequence[str] = OWNED_CHAINS) -> list[tuple[str, int, str]]:
         """(chain, 0-based index, spec) of every rule outside ``targets`` that jumps or
@@ -103,23 +108,77 @@ def parse_listing(text: str) -> Table:
     return Table(chains)
 
 
-def read_table(family: Family) -> Table:
-    """The whole filter table of one family: one subprocess call."""
-    return parse_listing(_run([_tool(family.tool), "-w", "-t", "filter", "-S"]))
+def read_table(family: Family, name: str = "filter") -> Table:
+    """One whole table of one family: one subprocess call.  (Listing a table that
+    does not exist creates nothing.)"""
+    table = parse_listing(_run([_tool(family.tool), "-w", "-t", name, "-S"]))
+    return Table(table.chains, name)
 
 
-def owned(table: Table) -> dict[str, list[str]]:
-    """nfknock's chains and their normalised rules, as stored in the applied record."""
-    return {c: list(table.chains[c]) for c in OWNED_CHAINS if c in table.chains}
+Tables = Mapping[str, Table]
+
+
+def read_tables(family: Family, names: Iterable[str] | None = None) -> dict[str, Table]:
+    """The tables nfknock may have chains in (filter, nat, mangle), or those of
+    ``names`` (in that order): one subprocess call each."""
+    wanted = set(HOOK_CHAINS if names is None else names)
+    return {name: read_table(family, name) for name in HOOK_CHAINS if name in wanted}
+
+
+def _as_tables(tables: Table | Tables) -> Tables:
+    return {tables.name: tables} if isinstance(tables, Table) else tables
+
+
+def owned(tables: Table | Tables) -> dict[str, list[str]]:
+    """nfknock's chains and their normalised rules, as stored in the applied record
+    (the chain names are unique across tables)."""
+    out: dict[str, list[str]] = {}
+    for table in _as_tables(tables).values():
+        out.update({c: list(table.chains[c]) for c in OWNED_CHAINS if c in table.chains})
+    return out
 
 
 # --- writing ------------------------------------------------------------------
 
 
-def transaction(rendered: str, table: Table) -> str:
-    """The one restore transaction that makes ``table`` hold ``rendered``'s chains,
-    each hook's jump at rule 1 and nothing else of nfknock's."""
-    body = rendered.rstrip("\n").removesuffix("COMMIT").rstrip("\n").split("\n")
+def sections(rendered: str) -> list[tuple[str, list[str]]]:
+    """(table, lines up to its COMMIT) of each section of a restore text; comment
+    lines before the first section stay with it."""
+    out: list[tuple[str, list[str]]] = []
+    lines: list[str] = []
+    name = ""
+    for line in rendered.rstrip("\n").split("\n"):
+        if line.startswith("*"):
+            name = line[1:].strip()
+        if line == "COMMIT":
+            out.append((name, lines))
+            lines, name = [], ""
+            continue
+        lines.append(line)
+    return out
+
+
+def transaction(rendered: str, tables: Table | Tables) -> str:
+    """The one restore transaction that makes the tables hold ``rendered``'s chains,
+    each hook's jump at rule 1 and nothing else of nfknock's; a table that
+    ``rendered`` leaves out loses whatever of ours it holds."""
+    tables = _as_tables(tables)
+    out: list[str] = []
+    done = set()
+    for name, body in sections(rendered):
+        done.add(name)
+        out += [*body, *_ops(tables.get(name, Table({}, name)), body), "COMMIT"]
+    for name, table in tables.items():
+        if name not in done and _ours(table):
+            out += [f"*{name}", *_ops(table, []), "COMMIT"]
+    return "\n".join(out) + "\n"
+
+
+def _ours(table: Table) -> bool:
+    return any(c in table.chains for c in OWNED_CHAINS) or bool(table.references())
+
+
+def _ops(table: Table, body: list[str]) -> list[str]:
     declared = [ln[1:].split()[0] for ln in body if ln.startswith(":")]
     ops = []
     # Every jump into our chains from elsewhere goes (misplaced, duplicated or
@@ -127,10 +186,15 @@ def transaction(rendered: str, table: Table) -> str:
     for chain, _i, spec in table.references():
         ops.append(f"-D {chain} {spec}")
     # ... and exactly one comes back, first in its hook.
-    ops += [f"-I {hook} 1 -j {c}" for hook, c in CHAIN.items() if c in declared]
-    stale = [c for c in OWNED_CHAINS if c in table.chains and c not in declared]
+    hooks = HOOK_CHAINS.get(table.name, {})
+    ops += [f"-I {hook} 1 -j {c}" for hook, c in hooks.items() if c in declared]
+    stale = [
+        c
+        for c in OWNED_CHAINS
+        if c in table.chains and c not in declared and TABLE_OF[c] == table.name
+    ]
     ops += [f"-F {c}" for c in stale] + [f"-X {c}" for c in stale]
-    return "\n".join([*body, *ops, "COMMIT"]) + "\n"
+    return ops
 
 
 def test_restore(family: Family, text: str) -> None:
@@ -141,13 +205,16 @@ def restore(family: Family, text: str) -> None:
     _run([_tool(family.restore), "-w", "--noflush"], text)
 
 
-def removal(table: Table) -> str | None:
+def removal(tables: Table | Tables) -> str | None:
     """The restore transaction that removes nfknock's jumps and chains (None:
     nothing of ours is there)."""
-    present = [c for c in OWNED_CHAINS if c in table.chains]
-    refs = table.references()
-    if not present and not refs:
-        return None
-    ops = [f"-D {chain} {spec}" for chain, _i, spec in refs]
-    ops += [f"-F {c}" for c in present] + [f"-X {c}" for c in present]
-    return "\n".join(["*filter", *ops, "COMMIT"]) + "\n"
+    out: list[str] = []
+    for name, table in _as_tables(tables).items():
+        present = [c for c in OWNED_CHAINS if c in table.chains]
+        refs = table.references()
+        if not present and not refs:
+            continue
+        ops = [f"-D {chain} {spec}" for chain, _i, spec in refs]
+        ops += [f"-F {c}" for c in present] + [f"-X {c}" for c in present]
+        out += [f"*{name}", *ops, "COMMIT"]
+    return "\n".join(out) + "\n" if out else None

@@ -66,12 +66,19 @@ class InstantCore(Core):
     def decide_key(
         self, key: bytes, port: int, wall: float, mono: float, defer: bool = False
     ) -> Decision:
-        decision = super().decide_key(key, port, wall, mono, defer)
+        return self._resolved(super().decide_key(key, port, wall, mono, defer), mono)
+
+    def decide_isn(
+        self, key: bytes, port: int, isn: int, wall: float, mono: float, defer: bool = False
+    ) -> Decision:
+        return self._resolved(super().decide_isn(key, port, isn, wall, mono, defer), mono)
+
+    def _resolved(self, decision: Decision, mono: float) -> Decision:
         if self.auto_resolve and self.gate.outbox:
             events = list(decision.events)
             for request in self.take_claims():
                 events += self.resolve(ClaimOutcome(request.id, Outcome.WON), mono)
-            decision = Decision(decision.verdict, tuple(events))
+            decision = Decision(decision.verdict, tuple(events), decision.mark)
         return decision
 
     def counters(self) -> dict[str, dict[int, int]]:

@@ -562,7 +562,7 @@ def test_callback_gives_drop_when_reading_the_payload_fails(tmp_path: Path) -> N
 
 def test_callback_falls_back_to_drop_when_the_verdict_call_fails(tmp_path: Path) -> None:
     d = _daemon(tmp_path)
-    d.service.decide_packet = lambda _p, defer=False: Verdict.ACCEPT  # type: ignore[method-assign,assignment]
+    d.service.decide_marked = lambda _p, defer=False: (Verdict.ACCEPT, 0)  # type: ignore[method-assign,assignment]
     pkt = FakePacket(syn(22), fail_verdict=True)
     d.handle(pkt)
     assert pkt.verdicts == ["drop"]
@@ -570,7 +570,7 @@ def test_callback_falls_back_to_drop_when_the_verdict_call_fails(tmp_path: Path)
 
 def test_reject_is_the_mark_plus_repeat(tmp_path: Path) -> None:
     d = _daemon(tmp_path)
-    d.service.decide_packet = lambda _p, defer=False: Verdict.REJECT  # type: ignore[method-assign,assignment]
+    d.service.decide_marked = lambda _p, defer=False: (Verdict.REJECT, 0)  # type: ignore[method-assign,assignment]
     pkt = FakePacket(syn(22))
     d.handle(pkt)
     assert pkt.verdicts == ["repeat"] and pkt.mark == 0x4E4B0001
@@ -615,7 +615,7 @@ def test_held_syns_are_dropped_after_the_hold_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     d = _daemon(tmp_path)
-    d.service.decide_packet = lambda _p, defer=False: Verdict.HOLD  # type: ignore[method-assign,assignment]
+    d.service.decide_marked = lambda _p, defer=False: (Verdict.HOLD, 0)  # type: ignore[method-assign,assignment]
     pkt = FakePacket(syn(22))
     d.handle(pkt)
     assert pkt.verdicts == ["retained"]
@@ -629,7 +629,7 @@ def test_held_syns_beyond_the_table_bound_are_dropped_at_once(tmp_path: Path) ->
     from nfknock import daemon
 
     d = _daemon(tmp_path)
-    d.service.decide_packet = lambda _p, defer=False: Verdict.HOLD  # type: ignore[method-assign,assignment]
+    d.service.decide_marked = lambda _p, defer=False: (Verdict.HOLD, 0)  # type: ignore[method-assign,assignment]
     pkts = [FakePacket(syn(22)) for _ in range(daemon.MAX_HELD + 1)]
     for pkt in pkts:
         d.handle(pkt)

@@ -38,10 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from nfknock import __version__
-from nfknock.schemes import SCHEME_NAMES, make_scheme
+from nfknock.schemes import SCHEME_NAMES, V1, make_scheme
 from nfknock.sequence import (
     MIN_SECRET_BYTES,
     SchemeError,
+    door_port,
+    isns,
     parse_port_list,
     parse_port_range,
 )
@@ -80,6 +82,7 @@ from nfknock_client.profile import (
     check_port,
     config_path,
     load_profile,
+    parse_door_range,
     read_secret_file,
     xdg_dir,
 )
@@ -242,6 +245,20 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="counter of the first knock (default: the next one after those this "
             "client recorded in this step; HOTP: never below the profile's counter)",
+        )
+        s.add_argument(
+            "--doors",
+            default=None,
+            metavar="LO-HI",
+            help='the server\'s forwarded door range for this user (door = "random"): the '
+            "knock opens the door that follows the sequence there, and --check/--pipe/--exec "
+            "connect to it (default: the profile's; none: the protected port)",
+        )
+        s.add_argument(
+            "--isn",
+            action="store_true",
+            help="each knock carries its ISN (users with isn = true; implies --raw, needs "
+            "root; default: the profile's isn)",
         )
         s.add_argument(
             "--json",
@@ -519,7 +536,25 @@ def _target(args: argparse.Namespace) -> Target:
     limit = MAX_STEP_COUNTER if scheme.time_based else MAX_HOTP_COUNTER
     if args.counter is not None and args.counter > limit:
         raise ClientError(f"--counter {args.counter} is above {limit} for scheme {scheme.name}")
-    return Target(t.name, t.host, port, t.secret, t.scheme_name, opts, t.initial_counter, scheme)
+    out = Target(t.name, t.host, port, t.secret, t.scheme_name, opts, t.initial_counter, scheme)
+    out.doors = parse_door_range(args.doors) if args.doors else t.doors
+    out.isn = args.isn or t.isn
+    if (out.doors or out.isn) and not isinstance(scheme, V1):
+        raise ClientError("a forwarded door and ISN knocks are derived from scheme v1 sequences")
+    return out
+
+
+def _door(t: Target, step: int, counter: int) -> int | None:
+    """The door a knock of (step, counter) opens (sequence.py step 7), if any."""
+    if t.doors is None or not isinstance(t.scheme, V1):
+        return None
+    return door_port(t.secret, step, counter, t.scheme.params, *t.doors)
+
+
+def _isns(t: Target, step: int, counter: int) -> tuple[int, ...] | None:
+    if not t.isn or not isinstance(t.scheme, V1):
+        return None
+    return isns(t.secret, step, counter, t.scheme.params)
 
 
 def _planner(t: Target, given: int | None) -> Planner:
@@ -552,16 +587,26 @@ def cmd_sequence(args: argparse.Namespace) -> int:
     step = planner.step_of(wall)
     knock = planner.start(wall, StateStore(state_dir()).record(t.name, step))
     ports = t.scheme.derive(t.secret, knock.step, knock.counter)
+    door = _door(t, knock.step, knock.counter)
+    isn_values = _isns(t, knock.step, knock.counter)
     if args.json:
-        out = {
+        out: dict[str, Any] = {
             "scheme": t.scheme.name,
             "ports": list(ports),
             "step": step,
             "counter": knock.counter,
         }
+        if door is not None:
+            out["door"] = door
+        if isn_values is not None:
+            out["isns"] = list(isn_values)
         print(json.dumps(out))
     else:
         print(" ".join(map(str, ports)))
+        if door is not None:
+            print(f"door {door}")
+        if isn_values is not None:
+            print("isns " + " ".join(map(str, isn_values)))
     return EXIT_OPENED
 
 
@@ -590,9 +635,15 @@ _RETRY_NOTE = {
 }
 
 
-def _exec(cmd: str) -> int:
+def _exec(cmd: str, address: str = "", port: int = 0) -> int:
+    """Run the user's command; with a knock, ``NFKNOCK_HOST`` / ``NFKNOCK_PORT`` in
+    its environment name where to connect (the forwarded door, or the protected
+    port): ``--exec 'ssh -p $NFKNOCK_PORT $NFKNOCK_HOST'``."""
+    env = None
+    if address:
+        env = {**os.environ, "NFKNOCK_HOST": address, "NFKNOCK_PORT": str(port)}
     try:
-        code = subprocess.call(cmd, shell=True)  # noqa: S602 - the user's command line
+        code = subprocess.call(cmd, shell=True, env=env)  # noqa: S602 - the user's command line
     except (OSError, ValueError) as exc:
         raise ClientError(f"--exec {cmd!r}: {exc}") from None
     return 128 - code if code < 0 else code
@@ -615,7 +666,7 @@ def cmd_knock(args: argparse.Namespace, io: KnockIO | None = None) -> int:
         fam, address = resolve(t.host, family)
     except LookupError as exc:
         raise ClientError(str(exc)) from None
-    send = io.send or (send_raw_knocks if args.raw else send_connect_knocks)
+    send = io.send or (send_raw_knocks if args.raw or t.isn else send_connect_knocks)
     pace = args.pace_ms / 1000
     probing = args.check or args.pipe
     store = StateStore(state_dir())
@@ -641,18 +692,29 @@ def cmd_knock(args: argparse.Namespace, io: KnockIO | None = None) -> int:
                     _RETRY_NOTE[knock.why].format(c=knock.counter, prev=prev.counter, s=knock.step)
                 )
             ports = t.scheme.derive(t.secret, knock.step, knock.counter)
+            door = _door(t, knock.step, knock.counter)
+            isn_values = _isns(t, knock.step, knock.counter)
             store.mark_sent(t.name, knock.step, knock.counter)  # before any knock leaves
             try:
-                send(fam, address, ports, pace)
+                if isn_values is not None and io.send is None:
+                    send_raw_knocks(fam, address, ports, pace, isn_values)
+                else:
+                    send(fam, address, ports, pace)
             except PermissionError:
-                raise ClientError("--raw needs root (CAP_NET_RAW)") from None
+                raise ClientError("--raw and ISN knocks need root (CAP_NET_RAW)") from None
             except OSError as exc:
                 return _result(args, EXIT_FAILED, f"knocking {address} failed: {exc}")
-            info = {"step": knock.step, "counter": knock.counter, "address": address}
+            info: dict[str, Any] = {
+                "step": knock.step,
+                "counter": knock.counter,
+                "address": address,
+            }
+            if door is not None:
+                info["door"] = door
             if not probing:
                 lock.release()
                 return _sent(args, t, len(ports), info)
-            state, conn = io.probe(fam, address, t.port, args.timeout)
+            state, conn = io.probe(fam, address, door or t.port, args.timeout)
             outcome = _OUTCOME.get(state, Outcome.TIMEOUT)
             io.tries.append({**info, "why": knock.why, "result": outcome.value})
             if outcome is not Outcome.TIMEOUT:
@@ -671,6 +733,8 @@ def cmd_knock(args: argparse.Namespace, io: KnockIO | None = None) -> int:
 def _sent(args: argparse.Namespace, t: Target, n: int, info: dict[str, Any]) -> int:
     c = info["counter"]
     msg = f"sent {n} knocks to {info['address']} (step {info['step']}"
+    if "door" in info:
+        msg = f"door {info['door']}: " + msg
     if t.scheme.has_counter:
         msg += (
             f", counter {c}); door not checked (--check would spend a connection). "
@@ -681,7 +745,7 @@ def _sent(args: argparse.Namespace, t: Target, n: int, info: dict[str, Any]) -> 
         msg += "); door not checked (--check would spend a connection)"
     if args.exec_cmd:
         _note(msg)
-        return _exec(args.exec_cmd)
+        return _exec(args.exec_cmd, info["address"], info.get("door", t.port))
     return _result(args, EXIT_OPENED, msg, **info)
 
 
@@ -694,13 +758,14 @@ def _opened(
             _note(message)
         return code
     conn.close()
-    where = f"{info['address']}:{t.port} (step {info['step']}, counter {info['counter']})"
+    port = info.get("door", t.port)
+    where = f"{info['address']}:{port} (step {info['step']}, counter {info['counter']})"
     if args.exec_cmd:
         _note(
             f"door open: {where}; the check used one connection, so CMD needs the server's "
             "max_connections >= 2"
         )
-        return _exec(args.exec_cmd)
+        return _exec(args.exec_cmd, info["address"], port)
     return _result(
         args, EXIT_OPENED, f"door open: {where} -- {CHECK_SPENT}", tries=io.tries, **info
     )

@@ -2,9 +2,10 @@
 
 Knocks are ordinary non-blocking ``connect()`` calls closed right after the SYN
 left (no root, no kernel retransmission), or with ``raw=True`` single SYNs
-hand-built on a raw socket (root).  :func:`probe` connects to the protected port
-(open / reset = behind / timeout); :func:`pipe_problem` says, before anything is
-knocked, why stdin/stdout cannot carry :func:`relay`.
+hand-built on a raw socket (root) -- which can also carry each knock's ISN (users
+with ``isn = true``).  :func:`probe` connects to the protected port, or to the
+forwarded door (open / reset = behind / timeout); :func:`pipe_problem` says,
+before anything is knocked, why stdin/stdout cannot carry :func:`relay`.
 """
 
 from __future__ import annotations
@@ -90,15 +91,23 @@ def source_for(family: int, address: str) -> str:
         return str(u.getsockname()[0])
 
 
-def send_raw_knocks(family: int, address: str, ports: Sequence[int], pace: float) -> None:
-    """One SYN per knock from a raw socket (needs CAP_NET_RAW)."""
+def send_raw_knocks(
+    family: int,
+    address: str,
+    ports: Sequence[int],
+    pace: float,
+    isns: Sequence[int] | None = None,
+) -> None:
+    """One SYN per knock from a raw socket (needs CAP_NET_RAW).  ``isns``: the
+    initial sequence number of each knock (ISN knocks); random otherwise."""
     src_text = source_for(family, address)
     src = socket.inet_pton(family, src_text)
     dst = socket.inet_pton(family, address)
     rng = random.SystemRandom()
     with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_TCP) as s:
         for i, port in enumerate(ports):
-            seg = syn_segment(src, dst, rng.randint(32768, 60999), port, rng.getrandbits(32))
+            seq = isns[i] if isns is not None else rng.getrandbits(32)
+            seg = syn_segment(src, dst, rng.randint(32768, 60999), port, seq)
             s.sendto(seg, (address, 0))
             if pace and i + 1 < len(ports):
                 time.sleep(pace)

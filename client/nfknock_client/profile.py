@@ -40,6 +40,10 @@ class Target:
     options: dict[str, Any] = field(default_factory=dict)
     initial_counter: int = 0
     scheme: Scheme = field(default_factory=V1)
+    # The server's forwarded door range for this user (door = "random"): the knock
+    # opens the door that follows the sequence (sequence.py step 7), not ``port``.
+    doors: tuple[int, int] | None = None
+    isn: bool = False  # isn = true: each knock carries its ISN (raw SYNs, root)
 
 
 def xdg_dir(var: str, default: str) -> Path:
@@ -111,6 +115,8 @@ PROFILE_KEYS: dict[str, str] = {
     "step_seconds": _INT,
     "exclude": _PORTS,
     "counter": _INT,
+    "doors": _STR,
+    "isn": _BOOL,
     # SPA (nfknock_client.spa); the users file's names where they mean the same.
     "spa_port": _INT,
     "fwknop_key_base64": _STR,
@@ -238,9 +244,29 @@ def load_profile(name: str, path: Path | None = None) -> Target:
         options["realm"] = p["realm"].encode()
     if "exclude" in p:
         options["exclude"] = frozenset(p["exclude"])
-    return Target(
+    doors = None
+    if "doors" in p:
+        try:
+            doors = parse_door_range(p["doors"])
+        except ClientError as exc:
+            raise ClientError(f"{where}.doors: {exc}") from None
+    t = Target(
         name, p["host"], p.get("port", 22), secret, scheme_name, options, p.get("counter", 0)
     )
+    t.doors, t.isn = doors, p.get("isn", False)
+    return t
+
+
+def parse_door_range(text: str) -> tuple[int, int]:
+    """``LO-HI`` (or one port): a forwarded door range, as the server's ``doors``."""
+    lo_text, sep, hi_text = text.partition("-")
+    if not (lo_text.isdigit() and (not sep or hi_text.isdigit())):
+        raise ClientError(f"{text!r} is not a port range LO-HI")
+    lo = int(lo_text)
+    hi = int(hi_text) if sep else lo
+    if not 1 <= lo <= hi <= 65535:
+        raise ClientError(f"{text!r}: need 1 <= LO <= HI <= 65535")
+    return lo, hi
 
 
 def check_port(port: int) -> None:

@@ -166,12 +166,17 @@ class Lab:
 
     def write_config(self, users: dict[str, bytes], **sections: Any) -> Path:
         """A config + users file in the workdir.  ``sections``: a dict overrides keys
-        of that table; a list of dicts is an array of tables ([[protect]], [[allow]])."""
+        of that table; a list of dicts is an array of tables ([[protect]], [[allow]],
+        ``**{"door.forward": [...]}``); ``user_keys`` is no table but more keys of
+        some users (``user_keys={"alice": {"door": "random"}}``)."""
+        user_keys: dict[str, dict[str, Any]] = sections.pop("user_keys", None) or {}
         cfg_dir = self.workdir
         users_file = cfg_dir / "users.toml"
         lines = []
         for name, secret in users.items():
-            lines += [f"[users.{name}]", f'secret = "{format_base32(secret)}"', ""]
+            lines += [f"[users.{name}]", f'secret = "{format_base32(secret)}"']
+            lines += [f"{k} = {json.dumps(v)}" for k, v in user_keys.get(name, {}).items()]
+            lines.append("")
         users_file.write_text("\n".join(lines))
         users_file.chmod(0o600)
         sections.setdefault("protect", [{"port": 22}])
@@ -291,7 +296,9 @@ class Lab:
         ports: list[int] | tuple[int, ...],
         raw: bool = False,
         source: str | None = None,
+        isns: list[int] | tuple[int, ...] | None = None,
     ) -> None:
+        """Knocks from the client (``isns``: raw SYNs carrying these ISNs)."""
         self.sh(
             self.client,
             PY,
@@ -301,6 +308,7 @@ class Lab:
             *map(str, ports),
             *(["--raw"] if raw else []),
             *(["--source", source] if source else []),
+            *(["--isns", ",".join(map(str, isns))] if isns is not None else []),
         )
 
     def add_client_address(self, cidr: str) -> None:

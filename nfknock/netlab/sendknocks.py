@@ -34,12 +34,17 @@ def main() -> None:
     ap.add_argument("--pace-ms", type=float, default=0.5)
     ap.add_argument("--raw", action="store_true")
     ap.add_argument("--source", default=None)
+    ap.add_argument("--isns", default=None, help="with --raw: each knock's ISN, comma-separated")
     args = ap.parse_args()
     pace = args.pace_ms / 1000
     if args.source:
         send_from(args.source, args.address, args.ports, pace)
         return
     fam = socket.AF_INET6 if ":" in args.address else socket.AF_INET
+    if args.isns:
+        isns = [int(x) for x in args.isns.split(",")]
+        send_raw_knocks(fam, args.address, args.ports, pace, isns)
+        return
     send = send_raw_knocks if args.raw else send_connect_knocks
     send(fam, args.address, args.ports, pace)
 

@@ -63,6 +63,7 @@ def _usage(message: str) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from nfknock.config import load_config
+    from nfknock.door import DoorMap
     from nfknock.spa.verify import Verifier
 
     src = None
@@ -84,7 +85,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _usage(f"cannot read {args.file}: {exc.strerror or exc}")
     cfg = load_config(args.config)  # a ConfigError is exit 2 in cli.main
-    verifier = Verifier(cfg.spa_users, cfg.spa, cfg.protected_ports)
+    verifier = Verifier(cfg.spa_users, cfg.spa, cfg.protected_ports, DoorMap(cfg.door.forward))
     result = verifier.verify(src, b"", raw.strip(), now, replay=None)
     out: dict[str, object] = {**result.as_dict(), "source": args.source, "now": now}
     if result.timestamp is not None:

@@ -25,7 +25,9 @@ were tried, the refusal reported is the one of the user the packet got furthest 
 | ``spa_from_future`` | timestamp more than ``[spa] max_age`` seconds in the future |
 | ``spa_username_mismatch`` | the user requires ``fwknop_username`` and the packet has another |
 | ``spa_command_refused`` | a COMMAND message (nfknock never executes anything) |
-| ``spa_nat_refused`` | a NAT / local-NAT message (not served) |
+| ``spa_nat_refused`` | a NAT / local-NAT message not served: no forward entry, a host name |
+| ``spa_nat_target_refused`` | a NAT message for a target no forward entry of the user has |
+| ``spa_nat_door_refused`` | a NAT door (``-A tcp/PORT``) outside its entry's range |
 | ``spa_allow_ip_refused`` | the allow-IP is not the source and the user may not name another |
 | ``spa_port_not_allowed`` | a requested proto/port is not one the user may open |
 """
@@ -51,6 +53,8 @@ FROM_FUTURE = "spa_from_future"
 USERNAME_MISMATCH = "spa_username_mismatch"
 COMMAND_REFUSED = "spa_command_refused"
 NAT_REFUSED = "spa_nat_refused"
+NAT_TARGET_REFUSED = "spa_nat_target_refused"
+NAT_DOOR_REFUSED = "spa_nat_door_refused"
 ALLOW_IP_REFUSED = "spa_allow_ip_refused"
 PORT_NOT_ALLOWED = "spa_port_not_allowed"
 
@@ -73,7 +77,9 @@ PROSE: dict[str, str] = {
     FROM_FUTURE: "the packet is from the future",
     USERNAME_MISMATCH: "the packet's username is not the one this user requires",
     COMMAND_REFUSED: "command messages are refused (nfknock executes nothing)",
-    NAT_REFUSED: "NAT access messages are refused",
+    NAT_REFUSED: "NAT access messages are not served here",
+    NAT_TARGET_REFUSED: "no forwarded door of this user leads to the requested target",
+    NAT_DOOR_REFUSED: "the requested door port is not in the forward entry's range",
     ALLOW_IP_REFUSED: "the allow-IP differs from the source and this user may not name another",
     PORT_NOT_ALLOWED: "a requested port is not one this user may open",
     ACCEPTED: "accepted",

@@ -17,8 +17,11 @@ run cheapest first and every failure is a refusal with a stable code
    step (``nfknock spa inspect``); the result then says ``replay_checked=False``
    and carries the digest for the caller to claim.
 5. Admission for that user: enabled, ``|now - timestamp| <= max_age``, the
-   required username, message type (ACCESS or CLIENT_TIMEOUT_ACCESS; COMMAND and
-   NAT types are refused), the address to open, every requested port allowed.
+   required username, message type (COMMAND is refused), the address to open,
+   every requested port allowed -- or, for fwknop's NAT messages (``-N``,
+   ``--nat-local``, with or without a client timeout), the one door requested
+   (``-A tcp/PORT``, ``--nat-rand-port``) of a ``[[door.forward]]`` entry that the
+   user may use and that leads to the requested target (nfknock.door).
 6. The first candidate to pass everything wins; if none does, the refusal of the
    candidate the packet got furthest with is returned (``reasons.RANK``).
 
@@ -36,6 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from nfknock.config import SpaConfig, User
+from nfknock.door import DoorMap, NatRefused
 from nfknock.spa import reasons as R
 from nfknock.spa.crypto import HMAC_DIGESTS, decrypt, hmac_state
 from nfknock.spa.keys import IPNetwork, SpaKeys
@@ -67,6 +71,8 @@ class SpaResult:
     replay_digest: bytes = b""  # SHA-256 of the payload, set once authenticated
     authenticated: bool = False  # HMAC/decryption/fields passed: record the digest
     replay_checked: bool = False  # the verifier claimed the digest itself
+    # A NAT message served: the [[door.forward]] entry whose door ``ports`` holds.
+    forward: str = ""
 
     @property
     def allow_ip(self) -> str | None:
@@ -111,6 +117,8 @@ class SpaResult:
             out["nat_access"] = f"{m.nat_access[0]},{m.nat_access[1]}"
         if m and m.command is not None:
             out["command"] = m.command
+        if self.forward:
+            out["forward"] = self.forward
         return out
 
 
@@ -120,6 +128,7 @@ def refusal(exc: R.SpaError, user: str | None = None) -> SpaResult:
 
 @dataclass(frozen=True, slots=True)
 class _Candidate:
+    user: User
     name: str
     enabled: bool
     ports: frozenset[int]
@@ -143,8 +152,13 @@ class Verifier:
     """Verifies SPA payloads for a fixed user set (rebuild it on reload)."""
 
     def __init__(
-        self, users: Iterable[User], spa: SpaConfig, protected_ports: frozenset[int]
+        self,
+        users: Iterable[User],
+        spa: SpaConfig,
+        protected_ports: frozenset[int],
+        doors: DoorMap | None = None,
     ) -> None:
+        self.doors = doors or DoorMap()
         self.max_age = spa.max_age
         self.max_open_seconds = spa.max_open_seconds
         self._candidates: list[_Candidate] = []
@@ -159,6 +173,7 @@ class Verifier:
                 tag_len = HMAC_DIGESTS[keys.hmac_digest][1]
             self._candidates.append(
                 _Candidate(
+                    user=u,
                     name=u.name,
                     enabled=u.enabled,
                     ports=u.ports if u.ports is not None else protected_ports,
@@ -276,7 +291,7 @@ class Verifier:
                     raise R.SpaError(R.REPLAY)
                 if outcome is not Claim.FRESH:
                     raise R.SpaError(R.REPLAY_CACHE_FULL)
-            ports, address, timeout = self._admit(c, msg, src, wall)
+            ports, address, timeout, forward = self._admit(c, msg, src, wall)
         except R.SpaError as exc:
             return replace(done, code=exc.code, reason=exc.detail)
         return replace(
@@ -287,12 +302,14 @@ class Verifier:
             ports=ports,
             open_address=address,
             timeout=timeout,
+            forward=forward,
         )
 
     def _admit(
         self, c: _Candidate, msg: SpaMessage, src: bytes | None, wall: float
-    ) -> tuple[frozenset[int], bytes, int | None]:
-        """The checks after authentication (fwknopd order): (ports, address, timeout)."""
+    ) -> tuple[frozenset[int], bytes, int | None, str]:
+        """The checks after authentication (fwknopd order): (ports, address, timeout,
+        the forward entry of a NAT message's door or "")."""
         if not c.enabled:
             raise R.SpaError(R.USER_DISABLED)
         age = math.floor(wall) - msg.timestamp
@@ -304,17 +321,35 @@ class Verifier:
             raise R.SpaError(R.USERNAME_MISMATCH, f"username {msg.username!r}")
         if msg.message_type == MessageType.COMMAND:
             raise R.SpaError(R.COMMAND_REFUSED)
+        forward = ""
         if msg.message_type.has_nat:
-            raise R.SpaError(R.NAT_REFUSED, f"{msg.message_type.label} message")
+            forward = self._nat(c, msg)
         address = self._address(c, msg.allow_ip, src)
-        for proto, port in msg.access:
-            if proto != "tcp" or port not in c.ports:
-                raise R.SpaError(R.PORT_NOT_ALLOWED, f"{proto}/{port}")
+        if not forward:
+            for proto, port in msg.access:
+                if proto != "tcp" or port not in c.ports:
+                    raise R.SpaError(R.PORT_NOT_ALLOWED, f"{proto}/{port}")
         ports = frozenset(port for _, port in msg.access)
         timeout = None
         if msg.client_timeout:
             timeout = min(msg.client_timeout, self.max_open_seconds)
-        return ports, address, timeout
+        return ports, address, timeout, forward
+
+    def _nat(self, c: _Candidate, msg: SpaMessage) -> str:
+        """A NAT message (fwknopd's process_spa_request: the first access port is
+        the one translated to the nat_access target): served as the door of the
+        forward entry it names.  fwknop sends one proto/port with NAT; a local-NAT
+        message's host is only the server's name as the client knew it."""
+        if msg.nat_access is None or len(msg.access) != 1 or msg.access[0][0] != "tcp":
+            what = ",".join(msg.access_text()) or "nothing"
+            raise R.SpaError(R.NAT_DOOR_REFUSED, f"a NAT door is one tcp/PORT, not {what}")
+        host, port = msg.nat_access
+        local = msg.message_type in _LOCAL_NAT
+        try:
+            entry = self.doors.match_nat(c.user, None if local else host, port, msg.access[0][1])
+        except NatRefused as exc:
+            raise R.SpaError(exc.code, exc.detail) from None
+        return entry.name
 
     @staticmethod
     def _address(c: _Candidate, allow_ip: str, src: bytes | None) -> bytes:
@@ -332,6 +367,9 @@ class Verifier:
         if allow.is_multicast or allow.is_reserved or allow.is_loopback:
             raise R.SpaError(R.ALLOW_IP_REFUSED, f"allow-IP {allow_ip} is not unicast")
         return allow.packed
+
+
+_LOCAL_NAT = frozenset({MessageType.LOCAL_NAT_ACCESS, MessageType.CLIENT_TIMEOUT_LOCAL_NAT_ACCESS})
 
 
 def _split(payload: bytes, tag_len: int) -> tuple[bytes, bytes | None]:
