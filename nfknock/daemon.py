@@ -342,11 +342,13 @@ class Daemon:
         def work() -> None:
             try:
                 prepared = self.service.prepare_reload(snapshot)
-                # The new configuration's rules, atomically per family; refused ->
-                # the old rules and the old configuration stay.  (A worker's
-                # supervisor applied them before asking it to reload.)
+                # The new configuration's rules, atomically per family (unless a
+                # privileged `nfknock reload` installed them already: the sandbox of
+                # the systemd unit need not allow it); refused -> the old rules and
+                # the old configuration stay.  (A worker's supervisor applied them
+                # before asking it to reload.)
                 if self.role is None:
-                    rules.apply(prepared.cfg, self.applied)
+                    rules.ensure(prepared.cfg, self.applied)
                 result.append(prepared)
             except Exception as exc:
                 result.append(exc)

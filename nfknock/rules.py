@@ -44,6 +44,7 @@ __all__ = [
     "RulesError",
     "apply",
     "check",
+    "ensure",
     "knock_ranges",
     "reapply",
     "remove",
@@ -149,6 +150,20 @@ def apply(cfg: Config, applied_path: Path = DEFAULT_APPLIED, now: float | None =
         f"{tool}: installed {', '.join(fam.chains) or 'nothing (no target in this family)'}"
         for tool, fam in families.items()
     ]
+
+
+def ensure(cfg: Config, applied_path: Path = DEFAULT_APPLIED) -> list[str]:
+    """The rules of ``cfg`` in place: nothing to do when the last good record is
+    exactly what ``cfg`` renders and the live chains are the ones recorded (a
+    privileged ``nfknock reload`` has just applied them -- the daemon's sandbox need
+    not be able to); otherwise :func:`apply`.  Returns what was done."""
+    record = _previous(applied_path)
+    if record is not None:
+        wanted = {fam.tool: render_iptables(cfg, fam.version) for fam in FAMILIES}
+        same = {t: f.rendered for t, f in record.families.items()} == wanted
+        if same and not [p for p in check(cfg, applied_path) if p.code != "applied_record_missing"]:
+            return ["the rules of this configuration are in place already"]
+    return apply(cfg, applied_path)
 
 
 def reapply(applied_path: Path = DEFAULT_APPLIED) -> Applied | None:

@@ -241,7 +241,7 @@ class Supervisor:
                     raise ConfigError(new.path, "queue", "changing the queues needs a restart")
                 if (new.state, new.state_path) != (self.cfg.state, self.cfg.state_path):
                     raise ConfigError(new.path, "state", "changing the state store needs a restart")
-                rules.apply(new, self.applied)  # once, for all workers
+                rules.ensure(new, self.applied)  # once, for all workers
             except (ConfigError, rules.RulesError) as exc:
                 log.error(
                     "reload_failed", error=str(exc), reason="keeping the running configuration"

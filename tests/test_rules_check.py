@@ -424,3 +424,33 @@ def test_reload_applies_the_rules_before_the_daemon_and_not_at_all_if_they_fail(
     assert admin.cmd_reload(args) == 1
     assert calls == []
     assert "line 7; the running configuration stays" in capsys.readouterr().err
+
+
+# --- ensure: the daemon's reload -------------------------------------------------------
+
+
+def test_ensure_touches_nothing_when_the_installed_rules_are_this_configs(
+    kernel: FakeKernel, record: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a privileged `nfknock reload` leaves for the sandboxed daemon."""
+    monkeypatch.setattr(xtables, "test_restore", lambda family, text: None)
+    monkeypatch.setattr(xtables, "restore", lambda *_: pytest.fail("must not install"))
+    assert rules.ensure(_config(), record) == [
+        "the rules of this configuration are in place already"
+    ]
+
+
+@pytest.mark.parametrize("change", ["config", "kernel"])
+def test_ensure_installs_when_the_config_or_the_live_chains_differ(
+    kernel: FakeKernel, record: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    installed: list[str] = []
+    monkeypatch.setattr(xtables, "test_restore", lambda family, text: None)
+    monkeypatch.setattr(xtables, "restore", lambda family, text: installed.append(family.tool))
+    cfg = _config()
+    if change == "config":
+        cfg = _config(CONFIG.replace("[8080]", "[8443]"))
+    else:
+        kernel.tables[4]["INPUT"].insert(0, "-p tcp --dport 22 -j ACCEPT")
+    rules.ensure(cfg, record)
+    assert installed == ["iptables", "ip6tables"]
