@@ -50,6 +50,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "engine": {"user_counts": (1, 1000, 10000), "n": 200_000, "repeats": 3},
         "throughput": {"user_counts": (1, 1000, 10000), "seconds": 3.0},
+        "drain": {"user_counts": (1, 1000, 10000), "n": 60_000, "rounds": 8},
         "latency": {"n": 2000},
         "spa_verify": {"user_counts": (1, 100, 1000), "seconds": 0.5},
         "knock": {"runs": 100, "systems": ("nfknock", "knockd", "fwknop")},
@@ -76,6 +77,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
         "engine": {"user_counts": (1, 100), "n": 5_000, "repeats": 1},
         "throughput": {"user_counts": (1,), "seconds": 1.0},
+        "drain": {"user_counts": (1,), "n": 5_000, "rounds": 1},
         "latency": {"n": 50},
         "spa_verify": {"user_counts": (1, 10), "seconds": 0.05},
         "knock": {"runs": 3, "systems": ("nfknock", "knockd")},
@@ -152,6 +154,28 @@ def markdown(res: dict[str, Any]) -> str:
                         r,
                         (f"{r['ratio_zero_loss']:.2f}", f"{r['ratio_cpu_per_packet']:.2f}"),
                     )
+                )
+    if "drain" in res:
+        d = res["drain"]
+        bare = d["bare_python"]
+        lines += [
+            "",
+            "#### The consumers' own ceilings: draining a pre-filled queue",
+            "",
+            "Each consumer is stopped (SIGSTOP), its queue filled with "
+            f"{bare['queued']:,} SYNs, then let go; by wall clock the best of the rounds, "
+            "by CPU time their sum.",
+            "",
+            "| consumer | SYN/s drained | ratio | SYN per CPU-s | ratio |",
+            "|---|---:|---:|---:|---:|",
+            f"| bare Python NFQUEUE loop, drop only | {bare['pps']:,} | 1.00 | "
+            f"{bare['per_cpu_second']:,} | 1.00 |",
+        ]
+        for key, r in d.items():
+            if key.startswith("nfknock_"):
+                lines.append(
+                    f"| nfknock run, {key.split('_')[1]} user(s) | {r['pps']:,} | "
+                    f"{r['ratio']:.2f} | {r['per_cpu_second']:,} | {r['ratio_cpu']:.2f} |"
                 )
     if "latency" in res:
         lat = res["latency"]
@@ -274,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "what",
         nargs="?",
         default="all",
-        choices=["all", "engine", "engine-scale", "kernel", "metrics", "shared", "door"],
+        choices=["all", "engine", "engine-scale", "kernel", "drain", "metrics", "shared", "door"],
     )
     ap.add_argument("--users", type=int, default=100_000, help="engine-scale: how many users")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs")
@@ -299,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
         res["isn_engine"] = {"isn_engine": door.isn_engine(**sizes["isn_engine"])}
         print(door.table(res["isn_engine"]), flush=True)
-    if args.what in ("all", "kernel", "metrics", "shared", "door"):
+    if args.what in ("all", "kernel", "drain", "metrics", "shared", "door"):
         from bench import kernel, metrics_overhead
         from nfknock.netlab import can_run
 
@@ -317,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.what == "shared":
                     res["shared"] = run_shared(b, sizes["shared"])
                     raise _Done
+                if args.what == "drain":
+                    res["drain"] = kernel.drain(b, **sizes["drain"])
+                    raise _Done
                 if args.what == "door":
                     from bench import door
 
@@ -325,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("== throughput", flush=True)
                 res["throughput"] = kernel.throughput(b, **sizes["throughput"])
                 print(json.dumps(res["throughput"]), flush=True)
+                print("== drain a pre-filled queue", flush=True)
+                res["drain"] = kernel.drain(b, **sizes["drain"])
+                print(json.dumps(res["drain"]), flush=True)
                 print("== latency", flush=True)
                 res["latency"] = kernel.latency(b, **sizes["latency"])
                 print("== knock to open", flush=True)
@@ -358,6 +388,8 @@ def _write(out: Path, res: dict[str, Any]) -> int:
     name = "bench" if "engine" in res or "throughput" in res else "metrics"
     if "door" in res and "throughput" not in res:
         name = "door"
+    if "drain" in res and "throughput" not in res:
+        name = "drain"
     (out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     text = markdown(res)
     (out / f"{name}.md").write_text(text)

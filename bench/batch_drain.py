@@ -3,10 +3,11 @@
 
     sudo .venv/bin/python -m bench.batch_drain [--n 20000] [--runs 3]
 
-Each measurement: a consumer binds queue 0 and does not read; a bounded flood
-(bench/synflood.c, spoofed documentation sources) fills the queue with ``n`` SYNs;
-then the consumer is told to go and times how long it takes to answer all of them
-(bench/drain_consumer.py), ``fills`` times per consumer process (the median counts).
+Each measurement: a consumer binds the flood queue (bench.kernel.FLOOD_QUEUE) and
+does not read; a bounded flood (bench/synflood.c, spoofed documentation sources)
+fills the queue with ``n`` SYNs; then the consumer is told to go and times how
+long it takes to answer all of them (bench/drain_consumer.py), ``fills`` times per
+consumer process (the median counts).
 Only the consumer's side is timed: the kernel queued the packets before the clock
 started, so the sender is not the ceiling here.  Rates by wall clock and by the
 consumer's CPU time (user + system, so the verdict syscalls count); on a machine
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.kernel import FILTER_CPU, HERE, KNOCK_RANGE, Bench
+from bench.kernel import FILTER_CPU, FLOOD_QUEUE, HERE, KNOCK_RANGE, Bench
 from nfknock.netlab import PY, can_run
 
 CONSUMERS = {
@@ -64,6 +65,7 @@ def drain(b: Bench, name: str, n: int, fills: int) -> dict[str, Any]:
     argv = [
         *("ip", "netns", "exec", b.lab.server, "taskset", "-c", FILTER_CPU, PY),
         *(str(HERE / "drain_consumer.py"), *CONSUMERS[name], "--max-len", str(n)),
+        *("--queue", str(FLOOD_QUEUE)),
     ]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
@@ -104,7 +106,8 @@ def run(b: Bench, n: int, runs: int, fills: int) -> dict[str, Any]:
     b.lab.sh(
         b.lab.server,
         *("iptables", "-A", "INPUT", "-p", "tcp", "--syn"),
-        *("--dport", KNOCK_RANGE.replace("-", ":"), "-j", "NFQUEUE", "--queue-num", "0"),
+        *("--dport", KNOCK_RANGE.replace("-", ":")),
+        *("-j", "NFQUEUE", "--queue-num", str(FLOOD_QUEUE)),
     )
     names = list(CONSUMERS)
     out: list[dict[str, Any]] = []

@@ -92,7 +92,9 @@ class Bench:
             self.lab.sh(self.lab.server, tool, "-F")
             self.lab.sh(self.lab.server, tool, "-X")
 
-    def nfknock_config(self, users: int, spa: bool = False, **door: Any) -> Path:
+    def nfknock_config(
+        self, users: int, spa: bool = False, queue: dict[str, Any] | None = None, **door: Any
+    ) -> Path:
         """``spa``: alice also gets fwknop keys (FWKNOP_KEY, FWKNOP_HMAC), and the
         per-source SPA limit is raised so the benchmark's one client, sending a
         packet per run, is never cut by it (the limits are tested in tests/kernel)."""
@@ -100,6 +102,8 @@ class Bench:
         for i in range(1, users):
             secrets[f"u{i}"] = os.urandom(32)
         extra: dict[str, Any] = {"spa": SPA_LIMITS} if spa else {}
+        if queue:
+            extra["queue"] = queue
         cfg = self.lab.write_config(
             secrets, log={"level": "info", "format": "json"}, door=door or {}, **extra
         )
@@ -114,22 +118,26 @@ class Bench:
             )
         return cfg
 
-    def start_nfknock(self, users: int = 1, spa: bool = False, **door: Any) -> Path:
+    def start_nfknock(
+        self, users: int = 1, spa: bool = False, queue: dict[str, Any] | None = None, **door: Any
+    ) -> Path:
         self.stop_filter()
         self.reset_firewall()
         # A fresh daemon per phase: no counters or grants carried over from the last.
         for name in ("state.db", "state.db-wal", "state.db-shm"):
             (self.workdir / name).unlink(missing_ok=True)
-        cfg = self.nfknock_config(users, spa, **door)
+        cfg = self.nfknock_config(users, spa, queue, **door)
         self.lab.install_rules(cfg)
         self.filter = self.lab.start_daemon(cfg, wait=120, cpu=FILTER_CPU)
         return cfg
 
-    def start_bare_queue(self) -> None:
+    def start_bare_queue(self, max_len: int = 8192) -> None:
         self.stop_filter()
         self.reset_firewall()
         cfg = self.nfknock_config(1)
         self.lab.install_rules(cfg)  # the same rules, a different consumer
+        # The log is appended to: an earlier run's "bound" must not count for this one.
+        (self.workdir / "bare.log").unlink(missing_ok=True)
         proc = self.lab.spawn(
             self.lab.server,
             "taskset",
@@ -139,6 +147,8 @@ class Bench:
             str(HERE / "bare_queue.py"),
             "--queue",
             str(FLOOD_QUEUE),
+            "--max-len",
+            str(max_len),
             log=self.workdir / "bare.log",
         )
         deadline = time.monotonic() + 20
@@ -352,6 +362,80 @@ def consumer(b: Bench, ceiling: float, fixed_rate: float, seconds: float) -> dic
     row["at_fixed_rate"] = paced(b, fixed_rate, seconds)
     row["at_80pct_of_saturated"] = paced(b, 0.8 * row["handled_pps"], seconds)
     return row
+
+
+def _queue_line(pid: int) -> tuple[int, int]:
+    """(waiting, seen) of the flood queue, read through the consumer's own network
+    namespace (/proc/PID/net): cheap enough to poll every half millisecond."""
+    for line in Path(f"/proc/{pid}/net/netfilter/nfnetlink_queue").read_text().splitlines():
+        f = line.split()
+        if f and f[0] == str(FLOOD_QUEUE):
+            return int(f[2]), int(f[7])
+    return 0, 0
+
+
+def _drain_once(b: Bench, n: int) -> dict[str, float]:
+    """Stop the consumer, fill its queue with ``n`` SYNs, let it go: how fast it
+    empties the queue, by wall clock and by its own CPU time.  The consumer's
+    ceiling, whatever the sender can do (the flood is bounded by ``n``)."""
+    assert b.filter is not None
+    pid = b.filter.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        b.flood(0, 60, count=n)
+        deadline = time.monotonic() + 10
+        waiting, _ = _queue_line(pid)
+        while time.monotonic() < deadline:  # the sender's last packets settle
+            time.sleep(0.05)
+            now, _ = _queue_line(pid)
+            if now == waiting:
+                break
+            waiting = now
+        if waiting < n // 2:
+            raise RuntimeError(
+                f"drain: only {waiting} of {n} SYNs waited in the queue (is the consumer bound?)"
+            )
+        cpu0 = b.cpu_seconds()
+    finally:
+        t0 = time.perf_counter()
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while _queue_line(pid)[0] > 0 and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    wall = time.perf_counter() - t0
+    cpu = b.cpu_seconds() - cpu0
+    return {"queued": waiting, "pps": waiting / wall, "cpu": cpu}
+
+
+def drain(
+    b: Bench, user_counts: tuple[int, ...], n: int, rounds: int, max_len: int = 65536
+) -> dict[str, Any]:
+    """The consumers' own ceilings (issue 11): the bare loop and nfknock draining a
+    pre-filled queue of ``n`` SYNs, ``rounds`` times each.  By wall clock the best
+    round counts (the others are the same consumer disturbed); by CPU time the sum
+    over the rounds (/proc's CPU time moves in 10 ms ticks: one round is too short)."""
+
+    def best(runs: list[dict[str, float]]) -> dict[str, Any]:
+        top = max(runs, key=lambda r: r["pps"])
+        cpu = sum(r["cpu"] for r in runs)
+        return {
+            "queued": int(top["queued"]),
+            "pps": round(top["pps"]),
+            "per_cpu_second": round(sum(r["queued"] for r in runs) / max(cpu, 1e-9)),
+            "pps_runs": [round(r["pps"]) for r in runs],
+        }
+
+    b.start_bare_queue(max_len)
+    bare = best([_drain_once(b, n) for _ in range(rounds)])
+    out: dict[str, Any] = {"bare_python": bare}
+    for users in user_counts:
+        b.start_nfknock(users, queue={"max_len": max_len})
+        row = best([_drain_once(b, n) for _ in range(rounds)])
+        row["ratio"] = round(row["pps"] / bare["pps"], 3)
+        row["ratio_cpu"] = round(row["per_cpu_second"] / bare["per_cpu_second"], 3)
+        out[f"nfknock_{users}_users"] = row
+    b.stop_filter()
+    return out
 
 
 def throughput(b: Bench, user_counts: tuple[int, ...], seconds: float) -> dict[str, Any]:

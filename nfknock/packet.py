@@ -21,6 +21,7 @@ TCP_SYN = 0x02
 TCP_ACK = 0x10
 TCP_RST = 0x04
 TCP_FIN = 0x01
+_SYN_MASK = TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN
 # How many bytes the daemon asks the kernel to copy: enough for a full IPv4 header
 # (60) or IPv6 with a few extension headers, plus 14 bytes of TCP.
 COPY_RANGE = 512
@@ -46,6 +47,23 @@ def parse_key(data: bytes) -> tuple[bytes, int]:
 
     The hot path: both headers keep source and destination adjacent (IPv4 bytes
     12-19, IPv6 bytes 8-39), so the engine's table key is a single slice."""
+    # The common case first, in one test: IPv4 without options, TCP, not a fragment
+    # (MF clear, offset 0), flags SYN without ACK/RST/FIN.  Anything else takes the
+    # full walk below, which accepts or refuses it with a reason.
+    if (
+        len(data) >= 34
+        and data[0] == 0x45
+        and data[9] == PROTO_TCP
+        and not (data[6] & 0x3F or data[7])
+        and data[33] & _SYN_MASK == TCP_SYN
+    ):
+        return data[12:20], (data[22] << 8) | data[23]
+    return _parse_key_walk(data)
+
+
+def _parse_key_walk(data: bytes) -> tuple[bytes, int]:
+    """:func:`parse_key` for every packet: IPv4 with options, IPv6 and its extension
+    headers, and a precise reason for whatever is refused."""
     if not data:
         raise MalformedPacket("empty")
     version = data[0] >> 4

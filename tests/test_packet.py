@@ -83,3 +83,46 @@ def test_random_bytes_either_parse_or_raise_malformed(data: bytes) -> None:
         return
     assert len(src) == len(dst) in (4, 16)
     assert 0 <= port <= 65535
+
+
+def _outcome(fn: object, data: bytes) -> object:
+    try:
+        return fn(data)  # type: ignore[operator]
+    except MalformedPacket as exc:
+        return ("refused", exc.reason)
+
+
+_IPV4_SYN_PREFIX = bytes.fromhex("4500002800004000400600")
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=80),
+        # Mostly well-formed IPv4 SYN headers with arbitrary bytes after the common
+        # prefix: flags, fragment bits, TCP flags and short packets all vary.
+        st.builds(lambda tail: _IPV4_SYN_PREFIX + tail, st.binary(max_size=60)),
+        st.builds(
+            lambda head, tail: bytes([0x45]) + head + tail,
+            st.binary(min_size=8, max_size=8),
+            st.binary(max_size=60),
+        ),
+    )
+)
+def test_the_ipv4_fast_path_of_parse_key_agrees_with_the_full_header_walk(data: bytes) -> None:
+    from nfknock.packet import _parse_key_walk, parse_key
+
+    assert _outcome(parse_key, data) == _outcome(_parse_key_walk, data)
+
+
+def test_parse_key_takes_a_plain_ipv4_syn_and_refuses_a_syn_ack() -> None:
+    from nfknock.packet import parse_key
+
+    syn = bytearray(_IPV4_SYN_PREFIX + bytes(29))
+    syn[12:20] = bytes([198, 51, 100, 7, 198, 51, 100, 1])
+    syn[22:24] = (4321).to_bytes(2, "big")
+    syn[33] = 0x02
+    assert parse_key(bytes(syn)) == (bytes(syn[12:20]), 4321)
+    syn[33] = 0x12
+    with pytest.raises(MalformedPacket) as err:
+        parse_key(bytes(syn))
+    assert err.value.reason == "not-a-syn"
