@@ -64,15 +64,7 @@ def format_status(st: dict[str, Any], now: float) -> list[str]:
         f"verdicts: {counts}; malformed packets {st.get('malformed', 0)}, "
         f"internal errors {st.get('internal_errors', 0)}"
     )
-    q = _dict(st.get("queue"))
-    if q:
-        lines.append(
-            f"queue {q.get('queue', '?')}: {q.get('waiting', 0)} waiting; lost "
-            f"{q.get('queue_dropped', 0)} (queue full) and {q.get('user_dropped', 0)} "
-            "(socket full)"
-        )
-    else:
-        lines.append("queue: no statistics (/proc/net/netfilter/nfnetlink_queue unreadable)")
+    lines += _queue_lines(_dict(st.get("queue")))
     lines.append(f"tracked sources: {st.get('tracked_sources', 0)}")
 
     users = _dict(st.get("users"))
@@ -98,3 +90,27 @@ def format_status(st: dict[str, Any], now: float) -> list[str]:
     if not grants:
         lines.append("grants: none open")
     return lines
+
+
+def _queue_lines(queues: dict[str, Any]) -> list[str]:
+    """One line per queue: the daemon reports {number: its /proc line}, every queue it
+    serves (priority and knock); an older daemon reported one queue's line itself."""
+    if queues and not all(isinstance(v, dict) for v in queues.values()):
+        queues = {str(queues.get("queue", "?")): queues}
+    if not queues:
+        return ["queue: no statistics (/proc/net/netfilter/nfnetlink_queue unreadable)"]
+    out = []
+    for number in sorted(queues, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0)):
+        q = _dict(queues[number])
+        if not q:
+            out.append(
+                f"queue {number}: not bound (no line in /proc/net/netfilter/nfnetlink_queue: "
+                "the kernel drops its packets)"
+            )
+            continue
+        out.append(
+            f"queue {number}: {q.get('waiting', 0)} waiting; lost "
+            f"{q.get('queue_dropped', 0)} (queue full) and {q.get('user_dropped', 0)} "
+            "(socket full)"
+        )
+    return out

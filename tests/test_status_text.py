@@ -140,3 +140,24 @@ def test_status_without_a_daemon_exits_1_with_a_message(
     capsys.readouterr()
     assert main(["status", "--config", str(config)]) == 1
     assert "no daemon" in capsys.readouterr().err
+
+
+def test_every_queue_the_daemon_serves_gets_its_own_line_and_an_unbound_one_says_so() -> None:
+    status = dict(STATUS)
+    status["queue"] = {
+        "0": {"queue": 0, "waiting": 3, "queue_dropped": 7, "user_dropped": 1},
+        "1": {"queue": 1, "waiting": 0, "queue_dropped": 0, "user_dropped": 0},
+        "2": {},
+    }
+    lines = [line for line in format_status(status, NOW) if line.startswith("queue")]
+    assert lines == [
+        "queue 0: 3 waiting; lost 7 (queue full) and 1 (socket full)",
+        "queue 1: 0 waiting; lost 0 (queue full) and 0 (socket full)",
+        "queue 2: not bound (no line in /proc/net/netfilter/nfnetlink_queue: "
+        "the kernel drops its packets)",
+    ]
+
+
+def test_the_single_queue_form_of_an_older_daemon_still_reads() -> None:
+    lines = [line for line in format_status(STATUS, NOW) if line.startswith("queue")]
+    assert lines == ["queue 0: 0 waiting; lost 7 (queue full) and 0 (socket full)"]
