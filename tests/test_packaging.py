@@ -72,12 +72,25 @@ def test_installed_wheel_has_both_commands_with_versions(installed: Path, tmp_pa
     assert out == f"nfknock-client {__version__}"
 
 
+def checkout_packages() -> list[str]:
+    """Every package of the checkout (a directory with ``__init__.py``), dotted."""
+    found = []
+    for top in (ROOT, ROOT / "client"):
+        for init in top.glob("nfknock*/**/__init__.py"):
+            found.append(".".join(init.parent.relative_to(top).parts))
+    return sorted(found)
+
+
 def test_installed_wheel_holds_every_subpackage(installed: Path, tmp_path: Path) -> None:
+    packages = checkout_packages()
+    assert {"nfknock.netlab", "nfknock.spa", "nfknock.store", "nfknock_client"} <= set(packages)
     code = (
-        "import nfknock, nfknock.netlab, nfknock_client, sys; "
-        "print(nfknock.__file__); print(nfknock_client.__file__)"
+        "import importlib, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    print(importlib.import_module(name).__file__)\n"
     )
-    files = run(installed / "python", "-c", code, cwd=tmp_path).stdout.split()
+    files = run(installed / "python", "-c", code, *packages, cwd=tmp_path).stdout.split()
+    assert len(files) == len(packages)
     venv = installed.parent
     assert all(Path(f).is_relative_to(venv) for f in files), files  # not the checkout
 
