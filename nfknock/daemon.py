@@ -138,6 +138,17 @@ class _Held:
     since: float
 
 
+def flag_signals(owner: Any, wake_r: socket.socket, wake_w: socket.socket) -> None:
+    """SIGHUP sets ``owner._reload_requested``, SIGTERM and SIGINT ``owner._stop``; each
+    also wakes the loop's ``poll`` through ``wake_r`` (the handlers only set flags:
+    nothing that could interrupt a verdict half given, see nfknock.nfq)."""
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    signal.signal(signal.SIGHUP, lambda *_: setattr(owner, "_reload_requested", True))
+    signal.signal(signal.SIGTERM, lambda *_: setattr(owner, "_stop", True))
+    signal.signal(signal.SIGINT, lambda *_: setattr(owner, "_stop", True))
+
 class RulesWatch:
     """``rules.check`` in a thread of its own: at start, every ``interval`` seconds
     and on request.  The latest result is one attribute, replaced at once."""
@@ -521,12 +532,7 @@ class Daemon:
         self, cfg: Config, restored: Restored, priority: list[_Queue], knock: list[VerdictQueue]
     ) -> int:
         wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
-        signal.signal(signal.SIGINT, lambda *_: setattr(self, "_stop", True))
+        flag_signals(self, wake_r, wake_w)
         log.info(
             "started" if self.role is None else "worker_started",
             queue=priority[0].number if priority else cfg.queue.number,

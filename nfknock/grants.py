@@ -86,16 +86,9 @@ class GrantTable:
         grants = self._grants.get(key)
         held: Grant | None = None
         if grants:
-            for grant in grants:
-                if port not in grant.ports or grant.expires <= mono:
-                    continue
-                if not grant.confirmed:
-                    held = held or grant
-                    continue
-                grant.remaining -= 1
-                if grant.remaining <= 0:
-                    self._remove(key, grant)
-                return Verdict.ACCEPT, grant
+            spent, held = self._spend(key, grants, port, mono, None, None)
+            if spent is not None:
+                return Verdict.ACCEPT, spent
         if self._wide:
             return self._decide_wide(key, port, mono, held)
         if held is not None:
@@ -104,6 +97,33 @@ class GrantTable:
         if until is not None and until > mono:
             return Verdict.REJECT, None
         return Verdict.DROP, None
+
+    def _spend(
+        self,
+        key: bytes,
+        grants: list[Grant],
+        port: int,
+        mono: float,
+        held: Grant | None,
+        longest: int | None,
+    ) -> tuple[Grant | None, Grant | None]:
+        """Spend a connection of the oldest confirmed grant under ``key`` that covers
+        ``port`` now (with ``longest``: only prefix grants of at most that length):
+        (that grant, or None; the first unconfirmed grant that would do, kept in
+        ``held`` -- what the SYN waits for when nothing else opens)."""
+        for grant in grants:
+            if longest is not None and (grant.prefix is None or grant.prefix > longest):
+                continue
+            if port not in grant.ports or grant.expires <= mono:
+                continue
+            if not grant.confirmed:
+                held = held or grant
+                continue
+            grant.remaining -= 1
+            if grant.remaining <= 0:
+                self._remove(key, grant)
+            return grant, held
+        return None, held
 
     def _decide_wide(
         self, key: bytes, port: int, mono: float, held: Grant | None
@@ -122,18 +142,9 @@ class GrantTable:
             grants = self._grants.get(wkey)
             if not grants:
                 continue
-            for grant in grants:
-                if grant.prefix is None or grant.prefix > length:
-                    continue
-                if port not in grant.ports or grant.expires <= mono:
-                    continue
-                if not grant.confirmed:
-                    held = held or grant
-                    continue
-                grant.remaining -= 1
-                if grant.remaining <= 0:
-                    self._remove(wkey, grant)
-                return Verdict.ACCEPT, grant
+            spent, held = self._spend(wkey, grants, port, mono, held, length)
+            if spent is not None:
+                return Verdict.ACCEPT, spent
         if held is not None:
             return Verdict.HOLD, held
         if until > mono:

@@ -55,7 +55,7 @@ import structlog
 from nfknock import rules
 from nfknock.config import Config, ConfigError, load_config
 from nfknock.control import ControlError, ControlServer, Mailbox, control_request
-from nfknock.daemon import RULES_CHECK_SECONDS, RulesWatch
+from nfknock.daemon import RULES_CHECK_SECONDS, RulesWatch, flag_signals
 from nfknock.sdnotify import notify, watchdog_interval
 from nfknock.service import WorkerRole, queue_stats
 from nfknock.store import StateError
@@ -303,12 +303,7 @@ class Supervisor:
             except (ControlError, OSError) as exc:
                 log.error("control_socket_failed", error=str(exc))
                 return 1
-            wake_r.setblocking(False)
-            wake_w.setblocking(False)
-            signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-            signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))
-            signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
-            signal.signal(signal.SIGINT, lambda *_: setattr(self, "_stop", True))
+            flag_signals(self, wake_r, wake_w)
             self.rules.start()
             for w in self.workers:
                 self._spawn(w)

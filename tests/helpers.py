@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
 from nfknock.config import User
 from nfknock.core import Core
@@ -182,3 +183,15 @@ def check_engine(core: Core) -> None:
                 assert table.slot_of(uidx, step, counter) >= 0, (user.name, step, counter)
     for key, source in engine._sources.items():
         assert engine._seen[key] is source
+
+
+def vector_params(case: dict[str, Any]) -> SequenceParams:
+    """The SequenceParams of a case of tests/vectors/sequence-v1*.json."""
+    return SequenceParams(
+        port_min=case["port_min"],
+        port_max=case["port_max"],
+        length=case["length"],
+        step_seconds=case["step_seconds"],
+        realm=case["realm"].encode(),
+        exclude=frozenset(case["exclude"]),
+    )

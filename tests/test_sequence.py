@@ -25,20 +25,10 @@ from nfknock.sequence import (
     step_of,
     totp,
 )
+from tests.helpers import vector_params
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "sequence-v1.json").read_text())
 CASES = VECTORS["cases"]
-
-
-def _params(case: dict[str, Any]) -> SequenceParams:
-    return SequenceParams(
-        port_min=case["port_min"],
-        port_max=case["port_max"],
-        length=case["length"],
-        step_seconds=case["step_seconds"],
-        realm=case["realm"].encode(),
-        exclude=frozenset(case["exclude"]),
-    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
@@ -55,7 +45,7 @@ def test_vector_block_matches(case: dict[str, Any]) -> None:
 def test_vector_ports_match(case: dict[str, Any]) -> None:
     secret = parse_base32(case["secret_base32"])
     step = step_of(case["unix_time"], case["step_seconds"])
-    assert list(derive(secret, step, case["counter"], _params(case))) == case["ports"]
+    assert list(derive(secret, step, case["counter"], vector_params(case))) == case["ports"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])

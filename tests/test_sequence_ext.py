@@ -29,20 +29,10 @@ from nfknock.sequence import (
     parse_base32,
     step_of,
 )
+from tests.helpers import vector_params
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "sequence-v1-ext.json").read_text())
 CASES = VECTORS["cases"]
-
-
-def _params(case: dict[str, Any]) -> SequenceParams:
-    return SequenceParams(
-        port_min=case["port_min"],
-        port_max=case["port_max"],
-        length=case["length"],
-        step_seconds=case["step_seconds"],
-        realm=case["realm"].encode(),
-        exclude=frozenset(case["exclude"]),
-    )
 
 
 def _reference(
@@ -91,7 +81,7 @@ def test_the_vectors_name_the_derivation_versions() -> None:
 def test_door_vectors_match(case: dict[str, Any]) -> None:
     secret = parse_base32(case["secret_base32"])
     step = step_of(case["unix_time"], case["step_seconds"])
-    p = _params(case)
+    p = vector_params(case)
     block = first_block(secret, step, case["counter"], p.realm)
     assert list(derive(secret, step, case["counter"], p)) == case["ports"]
     for d in case["doors"]:
@@ -106,7 +96,7 @@ def test_door_vectors_match(case: dict[str, Any]) -> None:
 def test_isn_vectors_match(case: dict[str, Any]) -> None:
     secret = parse_base32(case["secret_base32"])
     step = step_of(case["unix_time"], case["step_seconds"])
-    p = _params(case)
+    p = vector_params(case)
     block = first_block(secret, step, case["counter"], p.realm)
     assert list(isns_from_block(secret, block, p.length)) == case["isns"]
     assert list(isns(secret, step, case["counter"], p)) == case["isns"]

@@ -178,19 +178,7 @@ def _parser() -> argparse.ArgumentParser:
             else "Print the knock sequence the next knock would send (for other knock "
             "tools); records nothing.",
         )
-        s.add_argument(
-            "host", nargs="?", help="address or name to knock (default: the profile's host)"
-        )
-        s.add_argument(
-            "--profile", help="profile NAME from client.toml (default: none, use the options)"
-        )
-        s.add_argument(
-            "--config",
-            type=Path,
-            default=None,
-            help="client.toml to read profiles from (default: "
-            "$XDG_CONFIG_HOME/nfknock/client.toml or ~/.config/nfknock/client.toml)",
-        )
+        _where_options(s, "address or name to knock (default: the profile's host)")
         s.add_argument(
             "--secret-file",
             type=Path,
@@ -267,13 +255,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "sequence":
             continue
-        fam = s.add_mutually_exclusive_group()
-        fam.add_argument(
-            "-4", dest="family", action="store_const", const=4, help="IPv4 only (default: any)"
-        )
-        fam.add_argument(
-            "-6", dest="family", action="store_const", const=6, help="IPv6 only (default: any)"
-        )
+        _family_options(s)
         s.add_argument(
             "--raw",
             action="store_true",
@@ -286,40 +268,12 @@ def _parser() -> argparse.ArgumentParser:
             default=0.2,
             help="gap between knocks in milliseconds (default: 0.2)",
         )
-        s.add_argument(
-            "--timeout",
-            type=_number(0.1, 600, "--timeout"),
-            metavar="SECONDS",
-            default=3.0,
-            help="seconds to wait for the door to answer a probe (default: 3)",
-        )
-        s.add_argument(
-            "--lock-wait",
-            type=_number(0, 3600, "--lock-wait"),
-            metavar="SECONDS",
-            default=DEFAULT_LOCK_WAIT,
-            help="seconds to wait while another invocation of this profile knocks "
-            f"(default: {DEFAULT_LOCK_WAIT:g}; then exit 1)",
-        )
-        mode = s.add_mutually_exclusive_group()
-        mode.add_argument(
-            "--pipe",
-            action="store_true",
-            help="probe, then relay stdin/stdout over the connection (for ssh's "
-            "ProxyCommand; stdin and stdout must be pipes or sockets; default: off)",
-        )
-        mode.add_argument(
-            "--exec",
-            dest="exec_cmd",
-            metavar="CMD",
-            help="run CMD through the shell once knocked (default: none); with --check, "
-            "CMD's own connection needs max_connections >= 2",
-        )
-        s.add_argument(
-            "--check",
-            action="store_true",
-            help="probe the protected port and retry until it opens (spends one "
-            "connection of the grant; default: no probe)",
+        _timeout_option(s)
+        _lock_wait_option(s, "seconds to wait while another invocation of this profile knocks")
+        _then_options(
+            s,
+            exec_help="run CMD through the shell once knocked",
+            check_help="probe the protected port and retry until it opens",
         )
     _spa_parser(sub)
     return p
@@ -347,17 +301,7 @@ def _spa_parser(sub: Any) -> None:
         epilog="exit codes: 0 opened/sent, 1 did not open, 2 usage or input error; "
         "--exec returns the command's status",
     )
-    s.add_argument("host", nargs="?", help="address or name (default: the profile's host)")
-    s.add_argument(
-        "--profile", help="profile NAME from client.toml (default: none, use the options)"
-    )
-    s.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="client.toml to read profiles from (default: "
-        "$XDG_CONFIG_HOME/nfknock/client.toml or ~/.config/nfknock/client.toml)",
-    )
+    _where_options(s, "address or name (default: the profile's host)")
     s.add_argument(
         "--key-file",
         type=Path,
@@ -440,20 +384,8 @@ def _spa_parser(sub: Any) -> None:
         help="also write the payload sent last to FILE, mode 0600, for `nfknock spa "
         "inspect` (it opens the door until it is too old; default: none)",
     )
-    fam = s.add_mutually_exclusive_group()
-    fam.add_argument(
-        "-4", dest="family", action="store_const", const=4, help="IPv4 only (default: any)"
-    )
-    fam.add_argument(
-        "-6", dest="family", action="store_const", const=6, help="IPv6 only (default: any)"
-    )
-    s.add_argument(
-        "--timeout",
-        type=_number(0.1, 600, "--timeout"),
-        metavar="SECONDS",
-        default=3.0,
-        help="seconds to wait for the door to answer a probe (default: 3)",
-    )
+    _family_options(s)
+    _timeout_option(s)
     s.add_argument(
         "--tries",
         type=_int_in(1, 10, "--tries"),
@@ -462,14 +394,70 @@ def _spa_parser(sub: Any) -> None:
         help="--check/--pipe: packets to send, each fresh, before giving up "
         f"(default: {DEFAULT_SPA_TRIES})",
     )
+    _lock_wait_option(
+        s, "--check/--pipe: seconds to wait while another invocation of this profile opens"
+    )
+    _then_options(
+        s,
+        exec_help="run CMD through the shell once the packet is sent",
+        check_help="probe the protected port, sending a fresh packet until it opens",
+    )
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as one JSON line on stdout (default: a message on stderr)",
+    )
+
+
+# Options that knock and spa (and sequence, for the first) declare alike.
+
+
+def _where_options(s: argparse.ArgumentParser, host_help: str) -> None:
+    s.add_argument("host", nargs="?", help=host_help)
+    s.add_argument(
+        "--profile", help="profile NAME from client.toml (default: none, use the options)"
+    )
+    s.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="client.toml to read profiles from (default: "
+        "$XDG_CONFIG_HOME/nfknock/client.toml or ~/.config/nfknock/client.toml)",
+    )
+
+
+def _family_options(s: argparse.ArgumentParser) -> None:
+    fam = s.add_mutually_exclusive_group()
+    fam.add_argument(
+        "-4", dest="family", action="store_const", const=4, help="IPv4 only (default: any)"
+    )
+    fam.add_argument(
+        "-6", dest="family", action="store_const", const=6, help="IPv6 only (default: any)"
+    )
+
+
+def _timeout_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--timeout",
+        type=_number(0.1, 600, "--timeout"),
+        metavar="SECONDS",
+        default=3.0,
+        help="seconds to wait for the door to answer a probe (default: 3)",
+    )
+
+
+def _lock_wait_option(s: argparse.ArgumentParser, what: str) -> None:
     s.add_argument(
         "--lock-wait",
         type=_number(0, 3600, "--lock-wait"),
         metavar="SECONDS",
         default=DEFAULT_LOCK_WAIT,
-        help="--check/--pipe: seconds to wait while another invocation of this profile "
-        f"opens (default: {DEFAULT_LOCK_WAIT:g}; then exit 1)",
+        help=f"{what} (default: {DEFAULT_LOCK_WAIT:g}; then exit 1)",
     )
+
+
+def _then_options(s: argparse.ArgumentParser, exec_help: str, check_help: str) -> None:
+    """What happens once the door should be open: --pipe or --exec, and --check."""
     mode = s.add_mutually_exclusive_group()
     mode.add_argument(
         "--pipe",
@@ -481,19 +469,13 @@ def _spa_parser(sub: Any) -> None:
         "--exec",
         dest="exec_cmd",
         metavar="CMD",
-        help="run CMD through the shell once the packet is sent (default: none); with "
-        "--check, CMD's own connection needs max_connections >= 2",
+        help=f"{exec_help} (default: none); with --check, CMD's own connection needs "
+        "max_connections >= 2",
     )
     s.add_argument(
         "--check",
         action="store_true",
-        help="probe the protected port, sending a fresh packet until it opens (spends one "
-        "connection of the grant; default: no probe)",
-    )
-    s.add_argument(
-        "--json",
-        action="store_true",
-        help="print the result as one JSON line on stdout (default: a message on stderr)",
+        help=f"{check_help} (spends one connection of the grant; default: no probe)",
     )
 
 
