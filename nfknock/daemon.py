@@ -149,6 +149,7 @@ def flag_signals(owner: Any, wake_r: socket.socket, wake_w: socket.socket) -> No
     signal.signal(signal.SIGTERM, lambda *_: setattr(owner, "_stop", True))
     signal.signal(signal.SIGINT, lambda *_: setattr(owner, "_stop", True))
 
+
 class RulesWatch:
     """``rules.check`` in a thread of its own: at start, every ``interval`` seconds
     and on request.  The latest result is one attribute, replaced at once."""
